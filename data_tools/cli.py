@@ -1,0 +1,43 @@
+"""Small helpers shared by the data_tools command-line entry points."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+    """A mistake in the user's input (bad path, bad flag, bad file): reported as one line, exit status 2."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run `main`; turn UserError into a one-line message on stderr and exit status 2 (no traceback)."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def import_indexed_dataset():
+    """Import megatron-core's indexed dataset module without its Transformer-Engine/Apex warnings.
+
+    Imported lazily by the commands that need it (`import megatron.core` takes seconds), so --help stays fast.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+def check_dataset_prefix(prefix: str) -> None:
+    """A dataset exists only when both files do (the .idx is written last, after the .bin is complete)."""
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            hint = " (an interrupted preprocessing run leaves no .idx)" if ext == ".idx" else ""
+            raise UserError(f"dataset {prefix}: {prefix + ext} not found{hint}")

@@ -1,0 +1,256 @@
+"""Training samples: megatron-core's GPTDataset (splits, weighted blending, cached sample indices) plus the
+semi-causal fields of `pretrain.objective`, in the batch contract of ARCHITECTURE.md.
+
+    python -m data_tools.datasets --data-path 1.0 data/corpus_text_document --tokenizer-model tok.model \\
+        --seq-length 2048 --show 2
+
+- Sample indices (document/sample/shuffle index, blending) are megatron-core's, cached as .npy under `cache_dir`
+  keyed by megatron's hash of the dataset description, so datasets move between this project and Megatron-LM.
+- On top of each GPT sample (T+1 tokens), `SemiCausalDataset` derives per-token document ids from megatron's
+  sample index and the sequence lengths (not from token values), then `pretrain.objective.build_sample` samples
+  spans deterministically from (seed, global sample index).
+- `MicroBatches` cuts the sample stream into micro-batches for one data-parallel rank, starting from a
+  consumed-samples count, so resuming needs only that number.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from data_tools.cli import UserError, check_dataset_prefix, run_cli
+from pretrain.objective import SampleConfig, SpanConfig, build_sample, collate
+
+
+@dataclass
+class DataConfig:
+    """What the trainer's config tree holds about data (`data.*`)."""
+    data_path: list = field(default_factory=list)  # Megatron style: [w1, prefix1, w2, prefix2, ...] or [prefix]
+    split: str = "969,30,1"
+    seq_length: int = 2048
+    seed: int = 1234
+    mode: str = "sclm"
+    span_length: int = 128
+    span_coverage: float = 0.25
+    max_spans: int = 16
+    reset_position_ids: bool = False
+    cache_dir: str | None = None  # default: <first dataset's directory>/index-cache
+
+
+def parse_blend(data_path: Sequence) -> tuple[list[str], list[float] | None]:
+    """Megatron's --data-path: `prefix`, or `w1 prefix1 w2 prefix2 ...`."""
+    items = [str(x) for x in data_path]
+    if not items:
+        raise UserError("data_path is empty: give a dataset prefix, or weight/prefix pairs")
+    if len(items) == 1:
+        return items, None
+    if len(items) % 2:
+        raise UserError(f"data_path {items}: expected weight/prefix pairs")
+    weights, prefixes = [], []
+    for w, p in zip(items[0::2], items[1::2]):
+        try:
+            weights.append(float(w))
+        except ValueError:
+            raise UserError(f"data_path: {w!r} is not a weight (expected weight/prefix pairs)") from None
+        prefixes.append(p)
+    if any(w <= 0 for w in weights):
+        raise UserError(f"data_path weights must be positive, got {weights}")
+    return prefixes, weights
+
+
+def build_gpt_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | None]):
+    """[train, valid, test] GPT datasets (BlendedDataset when several prefixes) from megatron-core."""
+    prefixes, weights = parse_blend(cfg.data_path)
+    for p in prefixes:
+        check_dataset_prefix(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    cache = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    gcfg = GPTDatasetConfig(
+        random_seed=cfg.seed,
+        sequence_length=cfg.seq_length,
+        blend=(prefixes, weights),
+        split=cfg.split,
+        path_to_cache=cache,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    _check_splits_nonempty(prefixes, gcfg.split_matrix, num_samples)
+    _ensure_process_group()
+    import logging
+
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, gcfg).build()
+
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def _ensure_process_group() -> None:
+    """megatron-core's BlendedDataset asks torch.distributed for the rank when it caches its indices; outside a
+    training job (CLI, tests) give it a one-process gloo group on an in-memory store."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _check_splits_nonempty(prefixes, split_matrix, num_samples) -> None:
+    """megatron-core loops forever building a split that got no documents but is asked for samples
+    (GPTDataset._get_num_epochs); name the dataset and split instead. Same boundaries as megatron's builder."""
+    from data_tools.inspect import read_header
+
+    for prefix in prefixes:
+        n = read_header(prefix + ".idx")["sequences"]
+        for i, bounds in enumerate(split_matrix):
+            if bounds is None or not num_samples[i]:
+                continue
+            beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))
+            if end <= beg:
+                raise UserError(f"dataset {prefix}: the {SPLIT_NAMES[i]} split gets 0 of its {n} documents "
+                                f"(split {bounds[0]:.4f}-{bounds[1]:.4f}); change data.split or ask for 0 "
+                                f"{SPLIT_NAMES[i]} samples")
+
+
+def _leaf(dataset, idx: int):
+    """(GPTDataset, index inside it) for index idx of a GPTDataset or megatron BlendedDataset."""
+    if hasattr(dataset, "dataset_index"):
+        if dataset.dataset_index is None:
+            dataset[0]  # megatron loads its blend indices lazily on first access
+        return dataset.datasets[int(dataset.dataset_index[idx])], int(dataset.dataset_sample_index[idx])
+    return dataset, idx
+
+
+def gpt_sample_with_document_ids(dataset, idx: int) -> tuple[np.ndarray, np.ndarray]:
+    """T+1 tokens of GPT sample idx (megatron-core's own lookup) and per-token sample-local document ids.
+
+    Document ids count the documents the sample touches (0, 1, ...) and are -1 on padding; lengths come from
+    megatron's sample index (document, offset pairs) and the sequence lengths of the indexed dataset.
+    """
+    ds, i = _leaf(dataset, idx)
+    text, _ = ds._query_document_sample_shuffle_indices(i)
+    j = ds.shuffle_index[i]
+    (beg, beg_off), (end, end_off) = ds.sample_index[j], ds.sample_index[j + 1]
+    extra = int(ds.config.add_extra_token_to_sequence)
+    if beg == end:
+        parts = [int(end_off - beg_off + extra)]
+    else:
+        lengths = ds.dataset.sequence_lengths
+        parts = [int(lengths[ds.document_index[beg]] - beg_off)]
+        parts += [int(lengths[ds.document_index[k]]) for k in range(beg + 1, end)]
+        parts.append(int(end_off + extra))
+    doc_ids = np.repeat(np.arange(len(parts), dtype=np.int32), parts)
+    if len(doc_ids) < len(text):
+        doc_ids = np.concatenate([doc_ids, np.full(len(text) - len(doc_ids), -1, dtype=np.int32)])
+    return text, doc_ids
+
+
+class SemiCausalDataset:
+    """Samples of the batch contract (numpy dicts) over a megatron-core GPT dataset."""
+
+    def __init__(self, gpt_dataset, cfg: SampleConfig):
+        self.gpt = gpt_dataset
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.gpt)
+
+    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
+        text, doc_ids = gpt_sample_with_document_ids(self.gpt, idx)
+        return build_sample(text, doc_ids, idx, self.cfg)
+
+
+def sample_config(cfg: DataConfig, pad_id: int) -> SampleConfig:
+    return SampleConfig(
+        seq_length=cfg.seq_length, mode=cfg.mode, seed=cfg.seed, pad_id=pad_id,
+        reset_position_ids=cfg.reset_position_ids,
+        spans=SpanConfig(span_length=cfg.span_length, coverage=cfg.span_coverage, max_spans=cfg.max_spans))
+
+
+def build_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | None]) -> list[SemiCausalDataset | None]:
+    scfg = sample_config(cfg, tokenizer.pad)
+    return [None if d is None else SemiCausalDataset(d, scfg) for d in build_gpt_datasets(cfg, tokenizer, num_samples)]
+
+
+class MicroBatches:
+    """Micro-batches for one data-parallel rank, in Megatron's order, resumable from `consumed_samples`.
+
+    Global sample order is 0, 1, 2, ...; each global step of `micro_batch * dp_size` samples gives rank r the
+    slice [r * micro_batch, (r + 1) * micro_batch). Resuming at `consumed_samples` (a multiple of the global
+    micro-step) continues exactly where the previous run stopped.
+    """
+
+    def __init__(self, dataset: SemiCausalDataset, micro_batch: int, consumed_samples: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1):
+        step = micro_batch * dp_size
+        if consumed_samples % step:
+            raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of micro_batch*dp_size {step}")
+        self.dataset, self.micro_batch, self.dp_rank, self.dp_size = dataset, micro_batch, dp_rank, dp_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self) -> Iterator[dict]:
+        n = len(self.dataset)
+        step = self.micro_batch * self.dp_size
+        while self.consumed_samples + step <= n:
+            first = self.consumed_samples + self.dp_rank * self.micro_batch
+            samples = [self.dataset[i] for i in range(first, first + self.micro_batch)]
+            self.consumed_samples += step
+            yield collate(samples)
+
+
+def describe_sample(sample: dict, tokenizer, max_chars: int = 160) -> str:
+    """Human-readable view of one sample: spans with their text, loss-mask counts."""
+    spans = sample["spans"]
+    T = len(sample["tokens"])
+    lines = [f"T={T}, documents={len(np.unique(sample['document_ids'][sample['document_ids'] >= 0]))}, "
+             f"spans={len(spans)}, span tokens={int(sum(e - s for s, e in spans))} "
+             f"({sum(e - s for s, e in spans) / T:.1%}), counted targets={int(sample['loss_mask'].sum())}"]
+    prev = 0
+    for s, e in spans:
+        before = tokenizer.decode(sample["tokens"][max(prev, s - 12):s])
+        inside = tokenizer.decode(sample["tokens"][s:e])
+        if len(inside) > max_chars:
+            inside = inside[:max_chars // 2] + " ... " + inside[-max_chars // 2:]
+        lines.append(f"  span [{s}, {e}) len {e - s}: ...{before!r} <<ENC {inside!r} ENC>>")
+        prev = e
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.datasets", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", nargs="+", required=True, help="prefix, or weight/prefix pairs (Megatron style)")
+    p.add_argument("--tokenizer-model", required=True)
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--split", default="969,30,1")
+    p.add_argument("--mode", choices=["sclm", "gpt"], default="sclm")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--train-samples", type=int, default=1000)
+    p.add_argument("--show", type=int, default=2, help="samples to print")
+    args = p.parse_args(argv)
+    from data_tools.tokenizer import Tokenizer
+
+    tok = Tokenizer(args.tokenizer_model)
+    cfg = DataConfig(data_path=args.data_path, split=args.split, seq_length=args.seq_length, seed=args.seed,
+                     mode=args.mode)
+    train, valid, test = build_datasets(cfg, tok, [args.train_samples, 10, 10])
+    print(f"samples: train {len(train):,}, valid {len(valid) if valid else 0:,}, test {len(test) if test else 0:,} "
+          f"(seq_length {args.seq_length}, encoder row {train.cfg.enc_length})")
+    for i in range(args.show):
+        print(f"--- train sample {i} ---")
+        print(describe_sample(train[i], tok))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,185 @@
+"""The semi-causal objective (MetaLM, arXiv 2206.06336; shared/design/METHOD.md §1-2): span sampling, the loss-mask
+rule, and the packed per-sample tensors of the batch contract. Pure numpy, deterministic from (seed, sample index).
+
+Choices:
+- Span sampling follows the paper's reference loader: span length L/2+1..L (L=128), candidate windows at
+  1, 1+L, 1+2L, ... < n - 1.5L visited in random order, stop once span tokens exceed p*(n-1) (p=0.25; the last span
+  may overshoot). A window holding two or more document ends is skipped; with exactly one at q the span is
+  [q+1, w+L) (skipped if under `min_tokens_after_eod` tokens); otherwise c ~ U{0..L-1}: c >= L/2 -> [w, w+c+1),
+  else [w+c, w+L). Spans never cross a document end and never include position 0 or the tail window.
+- Loss rule (paper Eq. 1; targets aligned to inputs, target at p is x[p+1]): loss_mask[p] = 0 for p in [s, e-2].
+  p = s-1 still predicts x[s] (the first span token, from causal context) and p = e-1 predicts the token after the
+  span. The public descendant code masks [s-1, e-2] instead (trains x[e-1] from slot e-2, which already saw it).
+- All spans of a sample are packed in one encoder row of static length `enc_len`: positions restart per span,
+  `enc_segments` holds the span id (-1 on padding) for the block-diagonal bidirectional mask.
+- Dock pairs map encoder position j to decoder slot s + (j - span start); `collate` flattens them over the batch,
+  sending padding pairs to a scratch slot B*T that the model drops (static shapes, no boolean indexing on device).
+Document structure comes from explicit per-token document ids provided by the loader, never from token values.
+
+Legend: n = decoder input length T; Te = encoder row length; B = micro-batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpanConfig:
+    span_length: int = 128  # L
+    coverage: float = 0.25  # p
+    max_spans: int = 16  # cap on spans per sample (static shapes)
+    min_tokens_after_eod: int = 20
+
+    def __post_init__(self):
+        if self.span_length < 2:
+            raise ValueError(f"span_length must be >= 2, got {self.span_length}")
+        if not 0.0 < self.coverage < 1.0:
+            raise ValueError(f"coverage must be in (0, 1), got {self.coverage}")
+        if self.max_spans < 1:
+            raise ValueError(f"max_spans must be >= 1, got {self.max_spans}")
+
+    def encoder_length(self, seq_length: int) -> int:
+        """Static encoder row length: the most span tokens sampling can produce, rounded up to a multiple of 64."""
+        most = math.floor(self.coverage * (seq_length - 1)) + self.span_length
+        return min(int(math.ceil(most / 64) * 64), seq_length)
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def sample_spans(doc_end: np.ndarray, cfg: SpanConfig, rng: np.random.Generator,
+                 max_tokens: int | None = None) -> list[tuple[int, int]]:
+    """Non-causal spans [s, e) over decoder positions 0..n-1, sorted by start.
+
+    doc_end[p] is True where position p holds the last token of a document (its end-of-document token when
+    preprocessing appended one). `max_tokens` caps the total span tokens (the encoder row length).
+    """
+    n = len(doc_end)
+    L = cfg.span_length
+    windows = np.arange(1, n - 1.5 * L, L, dtype=np.int64)
+    if len(windows) == 0:
+        return []
+    ends_before = np.concatenate([[0], np.cumsum(doc_end, dtype=np.int64)])  # ends in [a, b) = eb[b] - eb[a]
+    order = rng.permutation(len(windows))
+    cuts = rng.integers(0, L, size=len(windows))
+    limit = cfg.coverage * (n - 1)
+    spans: list[tuple[int, int]] = []
+    covered = 0
+    for k in order:
+        if covered > limit or len(spans) >= cfg.max_spans:
+            break
+        w = int(windows[k])
+        n_ends = ends_before[w + L] - ends_before[w]
+        if n_ends >= 2:
+            continue
+        if n_ends == 1:
+            q = w + int(np.argmax(doc_end[w:w + L]))
+            s, e = q + 1, w + L
+            if e - s < cfg.min_tokens_after_eod:
+                continue
+        else:
+            c = int(cuts[k])
+            s, e = (w, w + c + 1) if c >= L // 2 else (w + c, w + L)
+        if max_tokens is not None and covered + (e - s) > max_tokens:
+            break
+        spans.append((s, e))
+        covered += e - s
+    spans.sort()
+    return spans
+
+
+def semi_causal_loss_mask(n: int, spans: list[tuple[int, int]], target_valid: np.ndarray | None = None) -> np.ndarray:
+    """loss_mask[p] = 0 for p in [s, e-2] of every span (METHOD.md §1), and where the target is padding."""
+    mask = np.ones(n, dtype=np.float32) if target_valid is None else target_valid.astype(np.float32)
+    for s, e in spans:
+        mask[s:e - 1] = 0.0
+    return mask
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    seq_length: int  # T (decoder inputs); samples carry T+1 tokens
+    mode: str = "sclm"  # "sclm" (semi-causal) | "gpt" (causal baseline: no spans, no encoder row)
+    spans: SpanConfig = SpanConfig()
+    seed: int = 1234
+    pad_id: int = 3
+    reset_position_ids: bool = False  # positions restart at each document
+
+    def __post_init__(self):
+        if self.mode not in ("sclm", "gpt"):
+            raise ValueError(f"mode must be 'sclm' or 'gpt', got {self.mode!r}")
+
+    @property
+    def enc_length(self) -> int:
+        return 0 if self.mode == "gpt" else self.spans.encoder_length(self.seq_length)
+
+
+def build_sample(text: np.ndarray, doc_ids: np.ndarray, index: int, cfg: SampleConfig) -> dict[str, np.ndarray]:
+    """One sample of the batch contract from T+1 tokens and their per-token document ids (-1 on padding)."""
+    T = cfg.seq_length
+    if len(text) != T + 1 or len(doc_ids) != T + 1:
+        raise ValueError(f"sample {index}: expected {T + 1} tokens and document ids, got {len(text)}/{len(doc_ids)}")
+    tokens, labels = text[:T], text[1:]
+    doc_in = doc_ids[:T]
+    # position p ends a document when the next token belongs to another document (or is padding / the sample end)
+    doc_end = np.empty(T, dtype=bool)
+    doc_end[:-1] = doc_in[:-1] != doc_in[1:]
+    doc_end[-1] = doc_ids[T - 1] != doc_ids[T]
+    Te = cfg.enc_length
+    spans = [] if cfg.mode == "gpt" else sample_spans(doc_end, cfg.spans, sample_rng(cfg.seed, index), Te)
+    loss_mask = semi_causal_loss_mask(T, spans, doc_ids[1:] >= 0)
+    if cfg.reset_position_ids:
+        starts = np.concatenate([[0], np.flatnonzero(doc_end[:-1]) + 1])
+        position_ids = np.arange(T, dtype=np.int64) - np.repeat(starts, np.diff(np.concatenate([starts, [T]])))
+    else:
+        position_ids = np.arange(T, dtype=np.int64)
+    enc_tokens = np.full(Te, cfg.pad_id, dtype=np.int64)
+    enc_positions = np.zeros(Te, dtype=np.int64)
+    enc_segments = np.full(Te, -1, dtype=np.int32)
+    dock_dst = np.full(Te, -1, dtype=np.int64)
+    j = 0
+    for k, (s, e) in enumerate(spans):
+        m = e - s
+        enc_tokens[j:j + m] = tokens[s:e]
+        enc_positions[j:j + m] = np.arange(m)
+        enc_segments[j:j + m] = k
+        dock_dst[j:j + m] = np.arange(s, e)
+        j += m
+    return {
+        "tokens": tokens.astype(np.int64),
+        "labels": labels.astype(np.int64),
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        "document_ids": doc_in.astype(np.int32),
+        "enc_tokens": enc_tokens,
+        "enc_positions": enc_positions,
+        "enc_segments": enc_segments,
+        "dock_dst": dock_dst,  # per-sample decoder slot of each encoder position, -1 on padding
+        "spans": np.array(spans, dtype=np.int64).reshape(-1, 2),  # for inspection; dropped by collate
+    }
+
+
+def collate(samples: list[dict[str, np.ndarray]]):
+    """Stack samples into the batch contract (torch tensors) and flatten the dock pairs over the batch.
+
+    dock_src[i] indexes the flattened encoder output [B*Te]; dock_dst[i] the flattened decoder input [B*T], where
+    the value B*T is a scratch slot for padding pairs (the model appends one row and drops it after the copy).
+    """
+    import torch
+
+    B = len(samples)
+    T = len(samples[0]["tokens"])
+    Te = len(samples[0]["enc_tokens"])
+    batch = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
+             for k in ("tokens", "labels", "loss_mask", "position_ids", "document_ids",
+                       "enc_tokens", "enc_positions", "enc_segments")}
+    dst = np.stack([s["dock_dst"] for s in samples])  # [B, Te]
+    valid = dst >= 0
+    flat_dst = np.where(valid, dst + (np.arange(B) * T)[:, None], B * T)
+    batch["dock_src"] = torch.arange(B * Te, dtype=torch.int64)
+    batch["dock_dst"] = torch.from_numpy(flat_dst.reshape(-1).astype(np.int64))
+    return batch
