@@ -254,3 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    sys.exit(run_cli(main))

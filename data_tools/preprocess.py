@@ -48,6 +48,7 @@ class Summary:
     input_bytes: int = 0
     seconds: float = 0.0
     outputs: list = field(default_factory=list)
+    peak_rss_mb: dict = field(default_factory=dict)  # "main" and "largest worker", from getrusage
 
     def lines(self) -> list[str]:
         out = [f"documents: {self.documents:,}"]
@@ -59,6 +60,8 @@ class Summary:
         skipped = sum(self.skipped.values())
         out.append(f"skipped: {skipped:,}" + (" (" + ", ".join(f"{r}: {n}" for r, n in self.skipped.most_common()) + ")"
                                               if skipped else ""))
+        if self.peak_rss_mb:
+            out.append("peak RSS: " + ", ".join(f"{k} {v:,.0f} MB" for k, v in self.peak_rss_mb.items()))
         out += [f"wrote: {p}" for p in self.outputs]
         return out
 
@@ -85,8 +88,7 @@ def _encode_chunk(chunk: Chunk) -> EncodedChunk:
     tokens, lengths = [], []
     for k in range(len(_KEYS)):
         texts = [fields[k] for _, fields in docs]
-        # One thread per worker: parallelism comes from the worker processes.
-        encoded = _TOKENIZER.sp.Encode(texts, out_type="numpy", num_threads=1) if texts else []
+        encoded = _TOKENIZER.encode_batch_numpy(texts)  # one thread per worker; the workers are the parallelism
         if _APPEND_EOD:
             eod = np.array([_TOKENIZER.eod], dtype=np.int32)
             encoded = [np.concatenate([e, eod]) for e in encoded]
@@ -101,23 +103,30 @@ def _chunks(paths: Sequence[str], keys: Sequence[str]) -> Iterator[Chunk]:
         yield from iter_chunks(path, keys)
 
 
-def _ordered_results(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iterator[EncodedChunk]:
-    """Encode chunks in `workers` processes, yielding results in input order with a bounded number in flight."""
+def _start_pool(workers: int, init_args: tuple):
+    """Worker processes, started before the main process imports torch/megatron-core (the only user of the
+    builder), so the workers stay small; None for in-process encoding."""
     if workers <= 1:
         _init_worker(*init_args)
+        return None
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    return ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
+
+
+def _ordered_results(chunks: Iterator[Chunk], pool, workers: int) -> Iterator[EncodedChunk]:
+    """Encode chunks, yielding results in input order with at most 2*workers+2 chunks in flight."""
+    if pool is None:
         for c in chunks:
             yield _encode_chunk(c)
         return
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        pending: collections.deque = collections.deque()
-        max_in_flight = 2 * workers + 2
-        for c in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (c,)))
-            if len(pending) >= max_in_flight:
-                yield pending.popleft().get()
-        while pending:
+    pending: collections.deque = collections.deque()
+    max_in_flight = 2 * workers + 2
+    for c in chunks:
+        pending.append(pool.apply_async(_encode_chunk, (c,)))
+        if len(pending) >= max_in_flight:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def output_prefixes(output_prefix: str, keys: Sequence[str]) -> list[str]:
@@ -140,9 +149,23 @@ def preprocess(
 
     check_inputs(inputs, json_keys)
     tok = Tokenizer(tokenizer_model)
+    vocab_dtype = np.uint16 if tok.vocab_size < 65500 else np.int32  # what megatron's DType.optimal_dtype picks
+    pool = _start_pool(workers, (tok.model_path, tuple(json_keys), append_eod, vocab_dtype))
+    try:
+        summary = _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, vocab_dtype, strict, progress,
+                              log)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    summary.peak_rss_mb = _peak_rss_mb(workers)
+    return summary
+
+
+def _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, dtype, strict, progress, log) -> Summary:
     indexed = import_indexed_dataset()
     IndexedDatasetBuilder = indexed.IndexedDatasetBuilder
-    dtype = indexed.DType.optimal_dtype(tok.vocab_size)
+    assert np.dtype(indexed.DType.optimal_dtype(tok.vocab_size)) == np.dtype(dtype)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     prefixes = output_prefixes(output_prefix, json_keys)
@@ -157,8 +180,7 @@ def preprocess(
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", disable=True if progress is False else None,
                    file=sys.stderr, mininterval=1.0)
-        init = (tok.model_path, tuple(json_keys), append_eod, dtype)
-        for res in _ordered_results(_chunks(inputs, json_keys), workers, init):
+        for res in _ordered_results(_chunks(inputs, json_keys), pool, workers):
             for bad in res.bad:
                 if strict:
                     raise UserError(f"{bad} (--strict)")
@@ -200,6 +222,15 @@ def preprocess(
     return summary
 
 
+def _peak_rss_mb(workers: int) -> dict:
+    import resource
+
+    out = {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if workers > 1:  # the pool's processes have been reaped: RUSAGE_CHILDREN holds the largest one
+        out["largest worker"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_tools.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,4 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.exit(run_cli(main))
+
+
+def cli() -> None:
+    """Console-script entry point."""
     sys.exit(run_cli(main))

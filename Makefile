@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine with Python 3.11 (see README):
+#   make demo   -- set up, fetch real text, train a tokenizer, preprocess, show dataset statistics and samples
+#   make test   -- set up and run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORK ?= work/demo
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/.installed: requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0            # first, alone: the CPU build on disk
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python -m data_tools.demo --work $(WORK)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m bench.preprocess_throughput
+	$(BIN)/python -m bench.batch_building
+
+clean:
+	rm -rf $(VENV) work
