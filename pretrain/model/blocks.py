@@ -1,0 +1,152 @@
+"""Transformer blocks on megatron-core tensor-parallel layers.
+
+Choices: pre-norm RMSNorm; rotary positions (Llama's rotate-half convention, so weights export to HF Llama as
+they are); SwiGLU MLP; no biases. Attention: fused QKV `ColumnParallelLinear` with the output laid out per head as
+(head, {q,k,v}, head_dim), so a contiguous tensor-parallel split gives each rank whole heads; output projection
+`RowParallelLinear`. MLP: gate and up `ColumnParallelLinear`, down `RowParallelLinear`. Layers run batch-first
+([B, L, d]): without sequence parallelism megatron's layers only act on the last dimension.
+Weights are initialised on CPU at full size and then split (megatron's `use_cpu_initialization`), so TP=1 and
+TP=2 start from the same full weights for the same seed. The same code runs at TP=1.
+
+Legend: B batch, L length, d hidden, H local heads (heads / TP), D head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import StackConfig
+from pretrain.model.attention import AttentionMask, attend
+from pretrain.parallel import import_mcore, tp_size
+
+
+def mp_config():
+    """megatron-core ModelParallelConfig for the current parallel state (fusions off: megatron's fuser is
+    torch.compile, and CPU has none of its kernels)."""
+    mcore = import_mcore()
+    return mcore.ModelParallelConfig(
+        tensor_model_parallel_size=tp_size(),
+        sequence_parallel=False,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
+    )
+
+
+def init_normal(std: float):
+    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim),
+                             persistent=False)
+
+    def forward(self, position_ids_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids_BL.float()[..., None] * self.inv_freq  # [B, L, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, L, D]
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x_BHLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHLD.chunk(2, dim=-1)
+    return x_BHLD * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: StackConfig, init_std: float, out_std: float):
+        super().__init__()
+        tp = import_mcore().tensor_parallel
+        mp = mp_config()
+        if cfg.heads % mp.tensor_model_parallel_size:
+            raise ValueError(f"heads {cfg.heads} not divisible by tensor parallel size {mp.tensor_model_parallel_size}")
+        self.local_heads = cfg.heads // mp.tensor_model_parallel_size
+        self.head_dim = cfg.head_dim
+        self.qkv = tp.ColumnParallelLinear(cfg.hidden, 3 * cfg.hidden, config=mp, init_method=init_normal(init_std),
+                                           bias=False, gather_output=False)
+        self.proj = tp.RowParallelLinear(cfg.hidden, cfg.hidden, config=mp, init_method=init_normal(out_std),
+                                         bias=False, input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x_BLd, rope, mask: AttentionMask):
+        B, L, _ = x_BLd.shape
+        qkv, _ = self.qkv(x_BLd)
+        q, k, v = qkv.view(B, L, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)  # [B,H,L,D]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = attend(q, k, v, mask).transpose(1, 2).reshape(B, L, self.local_heads * self.head_dim)
+        out, _ = self.proj(o)
+        return out
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: StackConfig, init_std: float, out_std: float):
+        super().__init__()
+        tp = import_mcore().tensor_parallel
+        mp = mp_config()
+        if cfg.ffn_hidden % mp.tensor_model_parallel_size:
+            raise ValueError(f"ffn_hidden {cfg.ffn_hidden} not divisible by tensor parallel size")
+        col = dict(config=mp, init_method=init_normal(init_std), bias=False, gather_output=False)
+        self.gate = tp.ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, **col)
+        self.up = tp.ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, **col)
+        self.down = tp.RowParallelLinear(cfg.ffn_hidden, cfg.hidden, config=mp, init_method=init_normal(out_std),
+                                         bias=False, input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x_BLd):
+        g, _ = self.gate(x_BLd)
+        u, _ = self.up(x_BLd)
+        out, _ = self.down(F.silu(g) * u)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: StackConfig, init_std: float, n_layers: int):
+        super().__init__()
+        out_std = init_std / (2.0 * n_layers) ** 0.5  # GPT-2 / Megatron scaled init for residual outputs
+        self.attn_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.attn = SelfAttention(cfg, init_std, out_std)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, init_std, out_std)
+
+    def forward(self, x_BLd, rope, mask: AttentionMask):
+        x_BLd = x_BLd + self.attn(self.attn_norm(x_BLd), rope, mask)
+        return x_BLd + self.mlp(self.mlp_norm(x_BLd))
+
+
+class Stack(nn.Module):
+    """Blocks + final norm. `frozen_layers` leading blocks run without autograd; `checkpoint` recomputes each
+    block in backward (megatron-core's tensor_parallel.checkpoint, which also restores the RNG state)."""
+
+    def __init__(self, cfg: StackConfig, init_std: float, rope: bool = True, frozen_layers: int = 0,
+                 checkpoint: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if rope else None
+        self.layers = nn.ModuleList(Block(cfg, init_std, cfg.layers) for _ in range(cfg.layers))
+        self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.frozen_layers = frozen_layers
+        self.checkpoint = checkpoint
+        for layer in self.layers[:frozen_layers]:
+            layer.requires_grad_(False)
+
+    def forward(self, x_BLd, position_ids_BL, mask: AttentionMask):
+        rope = self.rope(position_ids_BL) if self.rope is not None else None
+        for i, layer in enumerate(self.layers):
+            if i < self.frozen_layers:
+                with torch.no_grad():
+                    x_BLd = layer(x_BLd, rope, mask)
+            elif self.checkpoint and torch.is_grad_enabled():
+                x_BLd = self._checkpointed(layer, x_BLd, rope, mask)
+            else:
+                x_BLd = layer(x_BLd, rope, mask)
+        return self.norm(x_BLd)
+
+    @staticmethod
+    def _checkpointed(layer, x_BLd, rope, mask):
+        # megatron's checkpoint saves its positional args with save_for_backward: tensors only
+        ckpt = import_mcore().tensor_parallel.checkpoint
+        if rope is None:
+            return ckpt(lambda x: layer(x, None, mask), False, x_BLd)
+        return ckpt(lambda x, cos, sin: layer(x, (cos, sin), mask), False, x_BLd, *rope)

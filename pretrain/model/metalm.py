@@ -1,0 +1,99 @@
+"""MetaLM: encode -> connect -> dock -> decode -> semi-causal loss (shared/design/METHOD.md).
+
+- Text: the spans of each sample, packed in one encoder row (`enc_tokens`, `enc_positions`, `enc_segments`), go
+  through the bidirectional `TextEncoder` (block-diagonal mask) and the connector; `dock_src`/`dock_dst` put each
+  span token's feature in its own decoder input slot (one slot per token, length unchanged).
+- Vision: `images` [M,3,H,W] through the `VisionEncoder` and the vision connector; `image_dst` [M*S] gives the
+  decoder slots of the S image slots of each image, in order.
+- Decoder: causal over the whole sequence (optionally also document-masked, from `document_ids`).
+- Loss: mean over the batch's counted targets of megatron-core's vocab-parallel cross entropy; which targets count
+  is the batch's `loss_mask` (METHOD.md §1: positions s..e-2 of each span excluded, built by the loader).
+Masks are built once per forward and shared by all layers of a stack. The model never inspects token values to
+find spans: everything comes from the batch. Without an encoder (GPT baseline) the same class is a plain causal LM.
+
+Legend: B batch, T decoder length, Te encoder row length, N dock pairs, M images, S slots per image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pretrain.config import ModelConfig
+from pretrain.model import masks
+from pretrain.model.attention import AttentionMask
+from pretrain.model.connector import build_connector
+from pretrain.model.decoder import Decoder, dock
+from pretrain.model.encoders import TextEncoder, VisionEncoder
+from pretrain.parallel import import_mcore
+
+
+class MetaLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = Decoder(cfg)
+        self.encoder = TextEncoder(cfg) if cfg.encoder is not None else None
+        self.connector = (build_connector(cfg.connector, cfg.encoder.hidden, cfg.decoder.hidden)
+                          if cfg.encoder is not None else None)
+        self.vision = VisionEncoder(cfg.vision, cfg.init_std) if cfg.vision is not None else None
+        self.vision_connector = (build_connector(cfg.vision_connector, cfg.vision.stack.hidden, cfg.decoder.hidden,
+                                                 cfg.resampler_queries, cfg.decoder.heads)
+                                 if cfg.vision is not None else None)
+
+    # ---- masks (built once per forward) ----
+    def decoder_mask(self, batch) -> AttentionMask:
+        B, T = batch["tokens"].shape
+        dev = batch["tokens"].device
+        if self.cfg.document_mask:
+            mm = masks.and_masks(masks.causal, masks.document(batch["document_ids"]))
+            return AttentionMask.build(mm, B, T, None, dev, self.cfg.attention_backend)
+        return AttentionMask.build(masks.causal, B, T, None, dev, self.cfg.attention_backend, plain_causal=True)
+
+    def encoder_mask(self, batch) -> AttentionMask:
+        B, Te = batch["enc_tokens"].shape
+        return AttentionMask.build(masks.block_diagonal(batch["enc_segments"]), B, Te, None,
+                                   batch["enc_tokens"].device, self.cfg.attention_backend)
+
+    # ---- forward ----
+    def encode_spans(self, batch) -> torch.Tensor:
+        """Connector output for every encoder position, flat [B*Te, d_dec]."""
+        h = self.encoder(batch["enc_tokens"], batch["enc_positions"], self.encoder_mask(batch))
+        return self.connector(h).flatten(0, 1)
+
+    def encode_images(self, images) -> torch.Tensor:
+        M = images.shape[0]
+        P = self.cfg.vision.patches
+        mask = AttentionMask.build(masks.full, M, P, None, images.device, self.cfg.attention_backend)
+        return self.vision_connector(self.vision(images, mask)).flatten(0, 1)  # [M*S, d_dec]
+
+    def embed_and_dock(self, batch) -> torch.Tensor:
+        x = self.decoder.embed(batch["tokens"])
+        if self.encoder is not None and batch["enc_tokens"].shape[1] > 0:
+            feats = self.encode_spans(batch)
+            x = dock(x, feats.index_select(0, batch["dock_src"]), batch["dock_dst"])
+        if self.vision is not None and "images" in batch and batch["images"].shape[0] > 0:
+            x = dock(x, self.encode_images(batch["images"]), batch["image_dst"])
+        return x
+
+    def logits(self, batch) -> torch.Tensor:
+        """Vocab-parallel logits [B, T, V/tp]."""
+        return self.decoder(self.embed_and_dock(batch), batch["position_ids"], self.decoder_mask(batch))
+
+    def forward(self, batch) -> torch.Tensor:
+        """Scalar loss: mean cross entropy over the counted targets (loss_mask)."""
+        losses = token_losses(self.logits(batch), batch["labels"])
+        mask = batch["loss_mask"].float()
+        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def token_losses(logits_BTv: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy [B, T] from vocab-parallel logits (megatron-core; it edits its input in place,
+    hence the float() copy)."""
+    tp = import_mcore().tensor_parallel
+    return tp.vocab_parallel_cross_entropy(logits_BTv.float().clone() if logits_BTv.dtype == torch.float32
+                                           else logits_BTv.float(), labels_BT)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimizer gets: frozen parameters stay out (no optimizer state)."""
+    return [p for p in model.parameters() if p.requires_grad]

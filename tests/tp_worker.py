@@ -1,0 +1,56 @@
+"""Spawned by tests: build a small MetaLM at a given TP size on gloo, run one forward/backward on a fixed batch,
+and save loss, full (gathered) parameters and gradients from rank 0."""
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def small_config(**kw):
+    from pretrain.config import ModelConfig, StackConfig
+
+    return ModelConfig(vocab_size=512, max_seq_length=256, decoder=StackConfig(2, 64, 4, ffn_hidden=128),
+                       encoder=StackConfig(2, 32, 2, ffn_hidden=64), **kw)
+
+
+def fixed_batch(T=256, B=2, span_length=32, vocab=512, seed=0):
+    from pretrain.objective import SampleConfig, SpanConfig, build_sample, collate
+
+    rng = np.random.default_rng(seed)
+    sc = SampleConfig(seq_length=T, spans=SpanConfig(span_length=span_length))
+    docs = (np.arange(T + 1) // 150).astype(np.int32)
+    return collate([build_sample(rng.integers(7, vocab, T + 1), docs, i, sc) for i in range(B)])
+
+
+def gather_full(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    if not getattr(p, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return t.detach().clone()
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=p.partition_dim)
+
+
+def run(rank: int, world: int, tp: int, port: int, out: str, cfg_kw: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from pretrain.parallel import init_distributed, init_model_parallel
+
+    init_distributed("gloo")
+    init_model_parallel(tp=tp, pp=1, seed=1)
+    from pretrain.model.metalm import MetaLM
+
+    torch.manual_seed(0)
+    model = MetaLM(small_config(**cfg_kw))
+    loss = model(fixed_batch())
+    loss.backward()
+    params = {n: gather_full(p, p) for n, p in model.named_parameters()}
+    grads = {n: gather_full(p, p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "params": params, "grads": grads}, out)
+    dist.barrier()
+    dist.destroy_process_group()
