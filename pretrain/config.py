@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or override, naming the field."""
 
 
 @dataclass
@@ -133,3 +138,187 @@ def preset(name: str, **overrides) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     cfg = PRESETS[name]()
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+# ====================================================================== the training config tree
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1  # not applied to norms, embeddings and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    train_steps: int = 1000
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | constant
+
+    def __post_init__(self):
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"schedule.decay: expected cosine, linear or constant, got {self.decay!r}")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    micro_batch: int = 4
+    grad_accum: int = 1
+    deepspeed: str = "zero2"  # a name in ds_configs/ or a path to a DeepSpeed JSON
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU only, with loss scaling)
+    timeout_s: float = 600.0  # collectives: a dead rank makes the others fail after this long
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"parallel.precision: expected fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 100  # steps; 0: only at the end and on SIGTERM/SIGINT
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | a checkpoint tag directory
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class DataSection:
+    tokenizer_model: str = ""
+    data_path: list = field(default_factory=list)  # prefix, or weight prefix weight prefix ...
+    split: str = "969,30,1"
+    seq_length: int = 512
+    mode: str = "auto"  # auto (sclm with a text encoder, gpt without) | sclm | gpt
+    span_length: int = 128
+    span_coverage: float = 0.25
+    max_spans: int = 16
+    document_ids_reset_positions: bool = False
+    cache_dir: str = ""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=lambda: PRESETS["tiny-cpu"]())
+    data: DataSection = field(default_factory=DataSection)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    fault_injection: dict = field(default_factory=dict)  # tests only: {"nan_at_steps": [..], "die_at_step": N}
+
+
+
+
+# ====================================================================== YAML + dotted overrides
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """TrainConfig from a YAML file and `dotted.key=value` overrides (values parsed as YAML). `model.preset`
+    (default tiny-cpu) is the base the other `model.*` keys change."""
+    import yaml
+
+    raw: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for ov in overrides:
+        key, eq, value = ov.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {ov!r}: expected dotted.key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return _build(TrainConfig, raw, "")
+
+
+def _model_base(raw: dict) -> dict:
+    name = raw.pop("preset", "tiny-cpu")
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    base = dataclasses.asdict(PRESETS[name]())
+    for stack in _stacks(base):  # a derived FFN size follows the hidden size when that is overridden
+        if stack["ffn_hidden"] == StackConfig(stack["layers"], stack["hidden"], stack["heads"]).ffn_hidden:
+            stack["ffn_hidden"] = 0
+    return _merge(base, raw)
+
+
+def _stacks(d: dict):
+    for key in ("decoder", "encoder"):
+        if isinstance(d.get(key), dict):
+            yield d[key]
+    if isinstance(d.get("vision"), dict):
+        yield d["vision"]["stack"]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def _build(cls, raw: dict, path: str):
+    if cls is ModelConfig:
+        raw = _model_base(dict(raw))
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{path}{unknown[0]}: unknown key (known in {path.rstrip('.') or 'the top level'}: "
+                          f"{', '.join(sorted(hints))})")
+    kwargs = {name: _convert(hints[name], value, f"{path}{name}") for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path.rstrip('.') or 'config'}: {e}") from None
+
+
+def _convert(tp, value, path: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, path + ".")
+    expect = origin or tp
+    if expect is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expect is list and isinstance(value, (str, int, float)):
+        return [value]
+    if expect is int and isinstance(value, bool) or not isinstance(value, expect):
+        raise ConfigError(f"{path}: expected {getattr(expect, '__name__', expect)}, got {value!r}")
+    return value
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

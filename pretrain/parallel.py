@@ -49,6 +49,13 @@ def apply_cpu_shim() -> None:
         tp_random = importlib.import_module("megatron.core.tensor_parallel.random")
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # DeepSpeed compiles a shared-memory allreduce op (~80 s on 2 cores) on its first init_distributed on CPU; it
+    # only speeds up intra-node CPU collectives, which gloo does correctly without it.
+    try:
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
+        ds_torch.build_shm_op = lambda: None
+    except ImportError:
+        pass
     _SHIM_APPLIED = True
 
 
@@ -73,8 +80,17 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     else:
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's sanity check wants it even for one process
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(seconds=timeout_s))
+
+
+def init_deepspeed_comm(backend: str | None = None) -> None:
+    """DeepSpeed's comm layer over the already-initialised torch.distributed group."""
+    apply_cpu_shim()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:

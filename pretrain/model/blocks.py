@@ -53,6 +53,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x_BHLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x_BHLD.chunk(2, dim=-1)
+    cos, sin = cos.to(x_BHLD.dtype), sin.to(x_BHLD.dtype)
     return x_BHLD * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 

@@ -64,11 +64,12 @@ class MetaLM(nn.Module):
         M = images.shape[0]
         P = self.cfg.vision.patches
         mask = AttentionMask.build(masks.full, M, P, None, images.device, self.cfg.attention_backend)
+        images = images.to(self.vision.patch.weight.dtype)
         return self.vision_connector(self.vision(images, mask)).flatten(0, 1)  # [M*S, d_dec]
 
     def embed_and_dock(self, batch) -> torch.Tensor:
         x = self.decoder.embed(batch["tokens"])
-        if self.encoder is not None and batch["enc_tokens"].shape[1] > 0:
+        if self.encoder is not None and "enc_tokens" in batch and batch["enc_tokens"].shape[1] > 0:
             feats = self.encode_spans(batch)
             x = dock(x, feats.index_select(0, batch["dock_src"]), batch["dock_dst"])
         if self.vision is not None and "images" in batch and batch["images"].shape[0] > 0:

@@ -1,0 +1,1 @@
+"""Evaluation: generation (here), perplexity and later few-shot / finetuning / vision-language evaluation."""

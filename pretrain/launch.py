@@ -1,0 +1,146 @@
+"""Launch training on one node or many, wrapping the standard launchers (nothing home-made about process
+management or rendezvous):
+
+    python -m pretrain.launch --nproc-per-node 2 -- --config configs/tiny-cpu.yaml
+    python -m pretrain.launch --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 \\
+        --nproc-per-node 8 -- --config cfg.yaml                      # torchrun, static rendezvous, run on each node
+    python -m pretrain.launch --nnodes 2 --rdzv-endpoint host:29400 --rdzv-id job1 --nproc-per-node 8 -- ...
+                                                                     # torchrun, c10d rendezvous (elastic agent)
+    python -m pretrain.launch --hostfile hosts --nproc-per-node 8 -- ...   # the deepspeed launcher (pdsh/ssh)
+    python -m pretrain.launch --slurm --nnodes 4 --nproc-per-node 8 --print -- ...  # a SLURM batch script
+
+The torchrun agent watches its workers: when one dies, it stops the others and exits non-zero, naming the failed
+rank; with several nodes the rendezvous spreads the failure to the other agents. Collectives time out after
+`parallel.timeout_s` as a last resort. The environment every worker gets (thread counts, NCCL/gloo settings,
+DeepSpeed's accelerator) is set in one place, `worker_env`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from typing import Sequence
+
+TRAIN_MODULE = "pretrain.train"
+
+
+def worker_env(nproc_per_node: int, cuda: bool) -> dict:
+    env = dict(os.environ)
+    cores = os.cpu_count() or 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, nproc_per_node))))
+    env.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a hung NCCL collective raises instead of hanging
+    env.setdefault("NCCL_DEBUG", "WARN")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def torchrun_command(args, train_args: Sequence[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+           f"--nnodes={args.nnodes}"]
+    if args.rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
+    elif args.nnodes > 1:
+        cmd += [f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
+                f"--master-port={args.master_port}"]
+    else:
+        cmd += ["--standalone"] if args.master_port == 0 else [f"--master-addr={args.master_addr}",
+                                                                f"--master-port={args.master_port}"]
+    if args.max_restarts:
+        cmd.append(f"--max-restarts={args.max_restarts}")
+    return cmd + ["-m", TRAIN_MODULE, *train_args]
+
+
+def deepspeed_command(args, train_args: Sequence[str]) -> list[str]:
+    exe = shutil.which("deepspeed")
+    if exe is None:
+        raise SystemExit("error: the deepspeed launcher is not on PATH (pip install deepspeed)")
+    return [exe, f"--hostfile={args.hostfile}", f"--num_gpus={args.nproc_per_node}",
+            f"--master_addr={args.master_addr}", f"--master_port={args.master_port or 29500}",
+            "--module", TRAIN_MODULE, *train_args]
+
+
+def slurm_script(args, train_args: Sequence[str]) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inner = (f"{shlex.quote(sys.executable)} -m torch.distributed.run --nnodes=$SLURM_NNODES "
+             f"--nproc-per-node={args.nproc_per_node} --rdzv-backend=c10d "
+             f"--rdzv-endpoint=$MASTER_ADDR:{args.master_port or 29500} --rdzv-id=$SLURM_JOB_ID "
+             f"-m {TRAIN_MODULE} {' '.join(shlex.quote(a) for a in train_args)}")
+    return "\n".join([
+        "#!/bin/bash",
+        f"#SBATCH --job-name={args.job_name}",
+        f"#SBATCH --nodes={args.nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={args.nproc_per_node}" if args.gpus else "",
+        f"#SBATCH --cpus-per-task={args.cpus_per_task}",
+        f"#SBATCH --time={args.time}",
+        "#SBATCH --output=%x-%j.out",
+        "set -euo pipefail",
+        f"cd {shlex.quote(root)}",
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"export PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}}",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}",
+        "",
+    ])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pretrain.launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc-per-node", type=int, default=1)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=0, help="0: a free port (single node only)")
+    p.add_argument("--rdzv-endpoint", default="", help="host:port of a c10d rendezvous (torchrun elastic agent)")
+    p.add_argument("--rdzv-id", default="metalm")
+    p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument("--hostfile", default="", help="use the deepspeed launcher with this hostfile")
+    p.add_argument("--slurm", action="store_true", help="write a SLURM batch script (and submit it with sbatch "
+                   "unless --print)")
+    p.add_argument("--print", action="store_true", help="with --slurm: print the script instead of submitting")
+    p.add_argument("--job-name", default="metalm")
+    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--cpus-per-task", type=int, default=32)
+    p.add_argument("--gpus", action="store_true", help="with --slurm: request --nproc-per-node GPUs per node")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: arguments for pretrain.train")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.nproc_per_node < 1 or args.nnodes < 1:
+        print("error: --nproc-per-node and --nnodes must be at least 1", file=sys.stderr)
+        return 2
+    if args.slurm:
+        script = slurm_script(args, train_args)
+        if args.print:
+            print(script)
+            return 0
+        path = f"{args.job_name}.sbatch"
+        with open(path, "w") as f:
+            f.write(script)
+        return subprocess.call(["sbatch", path])
+    import torch
+
+    env = worker_env(args.nproc_per_node, torch.cuda.is_available())
+    if args.nnodes > 1 and not args.rdzv_endpoint and args.master_port == 0:
+        print("error: several nodes need --master-port (or --rdzv-endpoint)", file=sys.stderr)
+        return 2
+    cmd = deepspeed_command(args, train_args) if args.hostfile else torchrun_command(args, train_args)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        print(f"error: training failed (exit status {proc.returncode}); the launcher's report above names the "
+              "failed rank", file=sys.stderr)
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Pretrain a MetaLM (or its GPT baseline) under DeepSpeed.
+
+    python -m pretrain.train --config configs/tiny.yaml [dotted.key=value ...]
+    python -m pretrain.launch --nproc-per-node 2 -- --config configs/tiny.yaml parallel.deepspeed=zero2
+
+Reads top to bottom: `train()` sets up and loops over `train_step()`, which runs `forward_backward()` per
+micro-batch. Reporting, validation and checkpointing hang off the loop. A checkpoint is saved every
+`checkpoint.save_interval` steps, at the end, and on SIGTERM/SIGINT (then the run exits 0). A non-finite loss skips
+its micro-batch on every rank (the flag is all-reduced) and is counted; `max_bad_steps` in a row stop the run with
+the last good checkpoint kept.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.config import ConfigError, TrainConfig, config_to_dict, load_config
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    skipped: int = 0
+    bad_in_row: int = 0
+
+
+# ---------------------------------------------------------------- set-up
+def validate(cfg: TrainConfig, world: int) -> None:
+    """Checks that need the world size and the files; config types/values were checked when loading."""
+    p, m = cfg.parallel, cfg.model
+    if p.pp != 1:
+        raise ConfigError("parallel.pp: pipeline parallelism is not available in the trainer yet (use pp=1)")
+    if world % (p.tp * p.pp):
+        raise ConfigError(f"parallel: world size {world} is not divisible by tp*pp = {p.tp * p.pp}")
+    stacks = [("model.decoder", m.decoder)] + ([("model.encoder", m.encoder)] if m.encoder else [])
+    for name, s in stacks:
+        if s.heads % p.tp:
+            raise ConfigError(f"{name}.heads={s.heads} is not divisible by parallel.tp={p.tp}")
+        if s.ffn_hidden % p.tp:
+            raise ConfigError(f"{name}.ffn_hidden={s.ffn_hidden} is not divisible by parallel.tp={p.tp}")
+    if m.vocab_size % p.tp:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
+    if cfg.data.seq_length > m.max_seq_length:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds model.max_seq_length={m.max_seq_length}")
+    if not cfg.data.tokenizer_model:
+        raise ConfigError("data.tokenizer_model: required (a SentencePiece model from data_tools.tokenizer)")
+    if not os.path.isfile(cfg.data.tokenizer_model):
+        raise ConfigError(f"data.tokenizer_model: file not found: {cfg.data.tokenizer_model}")
+    if not cfg.data.data_path:
+        raise ConfigError("data.data_path: required (a dataset prefix, or weight/prefix pairs)")
+    mode = data_mode(cfg)
+    if mode == "sclm" and m.encoder is None:
+        raise ConfigError("data.mode=sclm needs model.encoder (a GPT baseline trains with data.mode=gpt)")
+
+
+def data_mode(cfg: TrainConfig) -> str:
+    if cfg.data.mode == "auto":
+        return "sclm" if cfg.model.encoder is not None else "gpt"
+    if cfg.data.mode not in ("sclm", "gpt"):
+        raise ConfigError(f"data.mode: expected auto, sclm or gpt, got {cfg.data.mode!r}")
+    return cfg.data.mode
+
+
+def build_data(cfg: TrainConfig, tokenizer, dp_size: int):
+    from data_tools.datasets import DataConfig, build_datasets
+
+    d = cfg.data
+    global_batch = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_size
+    # room for skipped micro-batches (a non-finite loss consumes its micro-batch)
+    n_train = (cfg.schedule.train_steps + cfg.max_bad_steps + 1) * global_batch
+    n_evals = cfg.schedule.train_steps // max(1, cfg.logging.eval_interval) + 2
+    n_valid = cfg.logging.eval_iters * cfg.parallel.micro_batch * dp_size if cfg.logging.eval_iters else 0
+    dcfg = DataConfig(data_path=d.data_path, split=d.split, seq_length=d.seq_length, seed=cfg.seed,
+                      mode=data_mode(cfg), span_length=d.span_length, span_coverage=d.span_coverage,
+                      max_spans=d.max_spans, reset_position_ids=d.document_ids_reset_positions,
+                      cache_dir=d.cache_dir or None)
+    train_ds, valid_ds, _ = build_datasets(dcfg, tokenizer, [n_train, n_valid if n_evals else 0, 0])
+    return train_ds, valid_ds
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- the loop
+class StopFlag:
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def any_rank(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward_backward(engine, batch, inject_nan: bool) -> float | None:
+    """One micro-batch; returns its loss, or None when it was non-finite on any rank (then nothing is applied)."""
+    loss = engine(batch)
+    if inject_nan:
+        loss = loss * float("nan")
+    if any_rank(not torch.isfinite(loss).item()):
+        return None
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
+def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> dict:
+    losses = []
+    inject = state.step + 1 in cfg.fault_injection.get("nan_at_steps", ()) and dist.get_rank() == 0
+    while len(losses) < cfg.parallel.grad_accum:
+        batch = to_device(next(batches), device)
+        loss = forward_backward(engine, batch, inject)
+        state.consumed_samples += cfg.parallel.micro_batch * dp_world()
+        if loss is None:
+            state.skipped += 1
+            state.bad_in_row += 1
+            if state.bad_in_row >= cfg.max_bad_steps:
+                raise TrainingAborted(f"{state.bad_in_row} non-finite losses in a row (max_bad_steps="
+                                      f"{cfg.max_bad_steps}); stopping, last good checkpoint kept")
+            return {}
+        state.bad_in_row = 0
+        losses.append(loss)
+    state.step += 1
+    mean = torch.tensor([float(np.mean(losses))])
+    dist.all_reduce(mean)
+    return {"loss": mean.item() / dist.get_world_size()}
+
+
+def dp_world() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+@torch.no_grad()
+def evaluate(engine, valid_ds, cfg: TrainConfig, device) -> tuple[float, float]:
+    """Token-weighted mean loss over `eval_iters` micro-batches of the validation split, and its perplexity."""
+    from data_tools.datasets import MicroBatches
+    from megatron.core import parallel_state
+    from pretrain.model.metalm import token_losses
+
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    it = MicroBatches(valid_ds, cfg.parallel.micro_batch, 0, parallel_state.get_data_parallel_rank(), dp_world())
+    for _, batch in zip(range(cfg.logging.eval_iters), it):
+        batch = to_device(batch, device)
+        losses = token_losses(engine.module.logits(batch), batch["labels"])
+        mask = batch["loss_mask"].float()
+        total += torch.tensor([(losses * mask).sum().item(), mask.sum().item()], dtype=torch.float64)
+    engine.train()
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 50.0))
+
+
+def train(cfg: TrainConfig) -> dict:
+    from pretrain import checkpoint
+    from pretrain.parallel import init_distributed, init_model_parallel
+
+    init_distributed(timeout_s=cfg.parallel.timeout_s)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    validate(cfg, world)
+    init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
+    seed_everything(cfg.seed)
+    import yaml
+
+    from data_tools.datasets import MicroBatches
+    from data_tools.tokenizer import Tokenizer
+    from megatron.core import parallel_state
+    from pretrain.engine import build_engine
+    from pretrain.metrics import Reporter
+    from pretrain.model.metalm import MetaLM
+
+    tokenizer = Tokenizer(cfg.data.tokenizer_model)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ({cfg.data.tokenizer_model})")
+    dp = dp_world()
+    train_ds, valid_ds = build_data(cfg, tokenizer, dp)
+    model = MetaLM(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters()) * cfg.parallel.tp  # before ZeRO-3 partitions them
+    engine = build_engine(cfg, model, dp)
+    device = engine.device
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+    state = TrainState()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    resume_from = checkpoint.find_resume(ckpt_dir, cfg.checkpoint.resume, log=say)
+    if resume_from:
+        extra = checkpoint.load(engine, resume_from)
+        state = TrainState(**extra["state"])
+        say(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+    if rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+    rep = Reporter(cfg.run_dir, cfg.schedule.train_steps, state.step, cfg.logging.log_interval,
+                   cfg.logging.tensorboard, cfg.logging.progress_bar, enabled=rank == 0)
+    rep.log(f"model: {n_params / 1e6:.1f}M parameters | world {world} (dp {dp}, tp {cfg.parallel.tp}) | "
+            f"{cfg.parallel.deepspeed} | {cfg.parallel.precision} | data mode {data_mode(cfg)} | "
+            f"train samples {len(train_ds):,}")
+    # The global sample order is fixed; this rank reads its slice of each global micro-step.
+    batches = iter(MicroBatches(train_ds, cfg.parallel.micro_batch, state.consumed_samples,
+                                parallel_state.get_data_parallel_rank(), dp))
+    stop = StopFlag()
+    tokens_per_step = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp * cfg.data.seq_length
+    last = {}
+
+    def save():
+        checkpoint.save(engine, ckpt_dir, state.step, {"state": vars(state).copy()}, config_yaml,
+                        cfg.checkpoint.keep_last, log=rep.log)
+
+    try:
+        while state.step < cfg.schedule.train_steps:
+            t0 = time.perf_counter()
+            if cfg.fault_injection.get("die_at_step") == state.step + 1 and \
+                    rank == cfg.fault_injection.get("die_rank", 0):
+                os.kill(os.getpid(), signal.SIGKILL)
+            m = train_step(cfg, engine, batches, state, device)
+            if not m:
+                rep.log(f"step {state.step + 1}: non-finite loss, micro-batch skipped "
+                        f"({state.skipped} skipped so far)")
+                continue
+            dt = time.perf_counter() - t0
+            gn = engine.get_global_grad_norm()
+            m.update(lr=engine.get_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"),
+                     tokens_per_s=tokens_per_step / dt, skipped=state.skipped,
+                     consumed_samples=state.consumed_samples)
+            rep.step(state.step, m)
+            last = m
+            if cfg.logging.eval_interval and state.step % cfg.logging.eval_interval == 0 and valid_ds:
+                rep.valid(state.step, *evaluate(engine, valid_ds, cfg, device))
+            if cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0:
+                save()
+            if stop.agreed():
+                rep.log(f"stop requested: saving at step {state.step} and exiting")
+                if not (cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0):
+                    save()
+                rep.close()
+                return {"stopped": True, **last}
+    except TrainingAborted as e:
+        rep.log(f"error: {e}")
+        rep.close()
+        raise
+    result = dict(last)
+    evaluated_last = cfg.logging.eval_interval and state.step % cfg.logging.eval_interval == 0
+    if valid_ds and cfg.logging.eval_iters and not evaluated_last:
+        result["valid_loss"], result["valid_ppl"] = evaluate(engine, valid_ds, cfg, device)
+        rep.valid(state.step, result["valid_loss"], result["valid_ppl"])
+    if not (cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0) and \
+            (resume_from is None or state.step > int(os.path.basename(resume_from)[5:])):
+        save()
+    rep.close()
+    result["engine"] = engine
+    result["tokenizer"] = tokenizer
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--generate", default="", help="after training, print a greedy continuation of this prompt")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. model.decoder.layers=8")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted:
+        return 3
+    except Exception as e:  # a user-facing error from the data tools (bad dataset path, ...)
+        from data_tools.cli import UserError
+
+        if isinstance(e, UserError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    if args.generate and "engine" in result:
+        from eval.generate import generate
+
+        text = generate(result["engine"].module, result["tokenizer"], args.generate,
+                        max_new_tokens=40)
+        if dist.get_rank() == 0:
+            print(f"\nprompt: {args.generate!r}\ncontinuation: {text!r}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
