@@ -106,20 +106,20 @@ def _ensure_process_group() -> None:
 
 
 def _check_splits_nonempty(prefixes, split_matrix, num_samples) -> None:
-    """megatron-core loops forever building a split that got no documents but is asked for samples
-    (GPTDataset._get_num_epochs); name the dataset and split instead. Same boundaries as megatron's builder."""
+    """megatron-core loops forever building a split that got no documents (GPTDataset._get_num_epochs), even when
+    no samples are asked of it; name the dataset and split instead. Same boundaries as megatron's builder."""
     from data_tools.inspect import read_header
 
     for prefix in prefixes:
         n = read_header(prefix + ".idx")["sequences"]
         for i, bounds in enumerate(split_matrix):
-            if bounds is None or not num_samples[i]:
+            if bounds is None or num_samples[i] is None:
                 continue
             beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))
             if end <= beg:
                 raise UserError(f"dataset {prefix}: the {SPLIT_NAMES[i]} split gets 0 of its {n} documents "
-                                f"(split {bounds[0]:.4f}-{bounds[1]:.4f}); change data.split or ask for 0 "
-                                f"{SPLIT_NAMES[i]} samples")
+                                f"(split {bounds[0]:.4f}-{bounds[1]:.4f}); change data.split so that it gets "
+                                f"at least one document, or weight 0 (e.g. 98,2,0)")
 
 
 def _leaf(dataset, idx: int):

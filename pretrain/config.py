@@ -313,6 +313,11 @@ def _convert(tp, value, path: str):
     expect = origin or tp
     if expect is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expect is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expect is list and isinstance(value, (str, int, float)):
         return [value]
     if expect is int and isinstance(value, bool) or not isinstance(value, expect):

@@ -64,6 +64,9 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"data.tokenizer_model: file not found: {cfg.data.tokenizer_model}")
     if not cfg.data.data_path:
         raise ConfigError("data.data_path: required (a dataset prefix, or weight/prefix pairs)")
+    from pretrain.engine import deepspeed_config
+
+    deepspeed_config(cfg, world // (p.tp * p.pp))  # the DeepSpeed JSON exists and agrees with the config
     mode = data_mode(cfg)
     if mode == "sclm" and m.encoder is None:
         raise ConfigError("data.mode=sclm needs model.encoder (a GPT baseline trains with data.mode=gpt)")
@@ -130,10 +133,10 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward_backward(engine, batch, inject_nan: bool) -> float | None:
+def forward_backward(engine, batch, inject: bool = False) -> float | None:
     """One micro-batch; returns its loss, or None when it was non-finite on any rank (then nothing is applied)."""
     loss = engine(batch)
-    if inject_nan:
+    if inject:
         loss = loss * float("nan")
     if any_rank(not torch.isfinite(loss).item()):
         return None
@@ -144,18 +147,20 @@ def forward_backward(engine, batch, inject_nan: bool) -> float | None:
 
 def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> dict:
     losses = []
-    inject = state.step + 1 in cfg.fault_injection.get("nan_at_steps", ()) and dist.get_rank() == 0
+    fi = cfg.fault_injection  # tests: poison the first `nan_count` micro-batches of the listed steps on rank 0
+    poisoned = fi.get("nan_count", 1) if state.step + 1 in fi.get("nan_at_steps", ()) else 0
     while len(losses) < cfg.parallel.grad_accum:
         batch = to_device(next(batches), device)
-        loss = forward_backward(engine, batch, inject)
+        loss = forward_backward(engine, batch, inject=poisoned > 0 and dist.get_rank() == 0)
+        poisoned -= 1
         state.consumed_samples += cfg.parallel.micro_batch * dp_world()
-        if loss is None:
+        if loss is None:  # skipped on every rank; the next micro-batch takes its place
             state.skipped += 1
             state.bad_in_row += 1
             if state.bad_in_row >= cfg.max_bad_steps:
                 raise TrainingAborted(f"{state.bad_in_row} non-finite losses in a row (max_bad_steps="
                                       f"{cfg.max_bad_steps}); stopping, last good checkpoint kept")
-            return {}
+            continue
         state.bad_in_row = 0
         losses.append(loss)
     state.step += 1
@@ -254,11 +259,11 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.fault_injection.get("die_at_step") == state.step + 1 and \
                     rank == cfg.fault_injection.get("die_rank", 0):
                 os.kill(os.getpid(), signal.SIGKILL)
+            skipped_before = state.skipped
             m = train_step(cfg, engine, batches, state, device)
-            if not m:
-                rep.log(f"step {state.step + 1}: non-finite loss, micro-batch skipped "
-                        f"({state.skipped} skipped so far)")
-                continue
+            if state.skipped > skipped_before:
+                rep.log(f"step {state.step}: {state.skipped - skipped_before} micro-batch(es) with a non-finite "
+                        f"loss skipped ({state.skipped} so far)")
             dt = time.perf_counter() - t0
             gn = engine.get_global_grad_norm()
             m.update(lr=engine.get_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"),
