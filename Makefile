@@ -1,10 +1,16 @@
 # Two commands do everything on a fresh machine with Python 3.11 (see README):
-#   make demo   -- set up, fetch real text, train a tokenizer, preprocess, show dataset statistics and samples
+#   make demo   -- set up, fetch real text, train a tokenizer, preprocess, show dataset statistics and samples,
+#                  pretrain the tiny-cpu MetaLM with 2 processes under ZeRO-2, report validation perplexity, print a
+#                  generated continuation and plot the loss curves (MODEL=gpt-baseline-tiny: the causal control)
 #   make test   -- set up and run the test suite
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORK ?= work/demo
+MODEL ?= tiny-cpu
+NPROC ?= 2
+OVERRIDES ?=
+PROMPT ?= It is a truth universally acknowledged that
 
 .PHONY: setup demo test bench clean
 
@@ -20,6 +26,9 @@ setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/python -m data_tools.demo --work $(WORK)
+	$(BIN)/python -m pretrain.launch --nproc-per-node $(NPROC) -- --config configs/tiny-cpu.yaml \
+		model.preset=$(MODEL) run_dir=$(WORK)/runs/$(MODEL) $(OVERRIDES) --generate "$(PROMPT)"
+	$(BIN)/python -m pretrain.plot $$(ls -d $(WORK)/runs/*/) --out $(WORK)/loss.png
 
 test: setup
 	$(BIN)/python -m pytest -q

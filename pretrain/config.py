@@ -172,6 +172,7 @@ class ParallelConfig:
     deepspeed: str = "zero2"  # a name in ds_configs/ or a path to a DeepSpeed JSON
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU only, with loss scaling)
     timeout_s: float = 600.0  # collectives: a dead rank makes the others fail after this long
+    pipeline_engine: bool = False  # use DeepSpeed's pipeline engine even at pp=1 (always on for pp>1)
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "fp16"):

@@ -125,8 +125,9 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, dp_size: int):
-    """deepspeed.initialize with our optimizer, schedule and mpu; returns the engine."""
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, dp_size: int, pipeline: bool = False):
+    """deepspeed.initialize with our optimizer, schedule and mpu (a PipelineModule brings its own topology);
+    returns the engine."""
     import deepspeed
 
     from pretrain.parallel import init_deepspeed_comm
@@ -136,6 +137,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, dp_size: int):
                             betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, dp_size), mpu=MegatronMPU(),
+                                           config=deepspeed_config(cfg, dp_size),
+                                           mpu=None if pipeline else MegatronMPU(),
                                            dist_init_required=False)
     return engine

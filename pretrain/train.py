@@ -44,8 +44,10 @@ class TrainState:
 def validate(cfg: TrainConfig, world: int) -> None:
     """Checks that need the world size and the files; config types/values were checked when loading."""
     p, m = cfg.parallel, cfg.model
-    if p.pp != 1:
-        raise ConfigError("parallel.pp: pipeline parallelism is not available in the trainer yet (use pp=1)")
+    if p.pp > m.decoder.layers:
+        raise ConfigError(f"parallel.pp={p.pp} exceeds model.decoder.layers={m.decoder.layers}")
+    if uses_pipeline(cfg) and (m.vision is not None or not m.tie_embeddings):
+        raise ConfigError("parallel.pp>1 needs a text model with tied embeddings (vision: use pp=1)")
     if world % (p.tp * p.pp):
         raise ConfigError(f"parallel: world size {world} is not divisible by tp*pp = {p.tp * p.pp}")
     stacks = [("model.decoder", m.decoder)] + ([("model.encoder", m.encoder)] if m.encoder else [])
@@ -70,6 +72,10 @@ def validate(cfg: TrainConfig, world: int) -> None:
     mode = data_mode(cfg)
     if mode == "sclm" and m.encoder is None:
         raise ConfigError("data.mode=sclm needs model.encoder (a GPT baseline trains with data.mode=gpt)")
+
+
+def uses_pipeline(cfg: TrainConfig) -> bool:
+    return cfg.parallel.pp > 1 or cfg.parallel.pipeline_engine
 
 
 def data_mode(cfg: TrainConfig) -> str:
@@ -146,6 +152,8 @@ def forward_backward(engine, batch, inject: bool = False) -> float | None:
 
 
 def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> dict:
+    if uses_pipeline(cfg):
+        return pipeline_train_step(cfg, engine, batches, state)
     losses = []
     fi = cfg.fault_injection  # tests: poison the first `nan_count` micro-batches of the listed steps on rank 0
     poisoned = fi.get("nan_count", 1) if state.step + 1 in fi.get("nan_at_steps", ()) else 0
@@ -169,6 +177,18 @@ def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> 
     return {"loss": mean.item() / dist.get_world_size()}
 
 
+def pipeline_train_step(cfg: TrainConfig, engine, batches, state: TrainState) -> dict:
+    """DeepSpeed's pipeline schedule runs all micro-batches of the step and applies the update itself, so a
+    non-finite loss cannot be skipped here: it stops the run at once (the last good checkpoint is kept)."""
+    loss = float(engine.train_batch(data_iter=batches))
+    state.consumed_samples += cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_world()
+    if not math.isfinite(loss):
+        raise TrainingAborted(f"non-finite loss at step {state.step + 1} under pipeline parallelism (the update "
+                              "was already applied); stopping, last good checkpoint kept")
+    state.step += 1
+    return {"loss": loss}
+
+
 def dp_world() -> int:
     from megatron.core import parallel_state
 
@@ -182,9 +202,16 @@ def evaluate(engine, valid_ds, cfg: TrainConfig, device) -> tuple[float, float]:
     from megatron.core import parallel_state
     from pretrain.model.metalm import token_losses
 
+    it = MicroBatches(valid_ds, cfg.parallel.micro_batch, 0, parallel_state.get_data_parallel_rank(), dp_world())
+    if uses_pipeline(cfg):  # mean of micro-batch means, over eval_iters // grad_accum pipeline batches
+        from pretrain.pipeline import pipeline_batches
+
+        data = pipeline_batches(it)
+        n = max(1, cfg.logging.eval_iters // cfg.parallel.grad_accum)
+        loss = float(np.mean([float(engine.eval_batch(data_iter=data)) for _ in range(n)]))
+        return loss, math.exp(min(loss, 50.0))
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    it = MicroBatches(valid_ds, cfg.parallel.micro_batch, 0, parallel_state.get_data_parallel_rank(), dp_world())
     for _, batch in zip(range(cfg.logging.eval_iters), it):
         batch = to_device(batch, device)
         losses = token_losses(engine.module.logits(batch), batch["labels"])
@@ -220,9 +247,14 @@ def train(cfg: TrainConfig) -> dict:
                           f"{tokenizer.vocab_size} ({cfg.data.tokenizer_model})")
     dp = dp_world()
     train_ds, valid_ds = build_data(cfg, tokenizer, dp)
-    model = MetaLM(cfg.model)
-    n_params = sum(p.numel() for p in model.parameters()) * cfg.parallel.tp  # before ZeRO-3 partitions them
-    engine = build_engine(cfg, model, dp)
+    if uses_pipeline(cfg):
+        from pretrain.pipeline import build_pipeline_module
+
+        model = build_pipeline_module(cfg.model, cfg.parallel.pp, cfg.parallel.tp, dp, cfg.seed)
+    else:
+        model = MetaLM(cfg.model)
+    n_params = cfg.model.param_count()["total"]
+    engine = build_engine(cfg, model, dp, pipeline=uses_pipeline(cfg))
     device = engine.device
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
@@ -239,12 +271,17 @@ def train(cfg: TrainConfig) -> dict:
             f.write(config_yaml)
     rep = Reporter(cfg.run_dir, cfg.schedule.train_steps, state.step, cfg.logging.log_interval,
                    cfg.logging.tensorboard, cfg.logging.progress_bar, enabled=rank == 0)
-    rep.log(f"model: {n_params / 1e6:.1f}M parameters | world {world} (dp {dp}, tp {cfg.parallel.tp}) | "
+    rep.log(f"model: {n_params / 1e6:.1f}M parameters | world {world} (dp {dp}, tp {cfg.parallel.tp}, "
+            f"pp {cfg.parallel.pp}) | "
             f"{cfg.parallel.deepspeed} | {cfg.parallel.precision} | data mode {data_mode(cfg)} | "
             f"train samples {len(train_ds):,}")
     # The global sample order is fixed; this rank reads its slice of each global micro-step.
     batches = iter(MicroBatches(train_ds, cfg.parallel.micro_batch, state.consumed_samples,
                                 parallel_state.get_data_parallel_rank(), dp))
+    if uses_pipeline(cfg):
+        from pretrain.pipeline import pipeline_batches
+
+        batches = pipeline_batches(batches)
     stop = StopFlag()
     tokens_per_step = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp * cfg.data.seq_length
     last = {}
@@ -331,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
-    if args.generate and "engine" in result:
+    if args.generate and "engine" in result and not uses_pipeline(cfg):
         from eval.generate import generate
 
         text = generate(result["engine"].module, result["tokenizer"], args.generate,

@@ -138,7 +138,7 @@ def test_two_nodes_on_one_machine(tmp_path, tok_model, moby_prefix):
                                       cwd=ROOT))
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert "world 2 (dp 2, tp 1)" in outs[0] and sorted(losses(tmp_path)) == [1, 2, 3]
+    assert "world 2 (dp 2, tp 1, pp 1)" in outs[0] and sorted(losses(tmp_path)) == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -235,3 +235,17 @@ def test_plot(tmp_path):
             f.write(json.dumps({"step": 29, "valid_loss": 2.5, "valid_ppl": 12.2}) + "\n")
     out = plot([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "loss.png"))
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_2_matches_1(tmp_path, tok_model, moby_prefix):
+    common = ["parallel.deepspeed=pipeline_zero1", "parallel.pipeline_engine=true", "parallel.grad_accum=2",
+              "checkpoint.save_interval=4"]
+    launch(tmp_path / "pp1", tok_model, moby_prefix, *common, steps=4)
+    launch(tmp_path / "pp2", tok_model, moby_prefix, *common, "parallel.pp=2", nproc=2, steps=4)
+    a, b = losses(tmp_path / "pp1"), losses(tmp_path / "pp2")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    layer_files = [f for f in os.listdir(tmp_path / "pp2" / "checkpoints" / "step_00000004") if f.startswith("layer_")]
+    assert len(layer_files) >= 5, "DeepSpeed's per-layer pipeline checkpoint"

@@ -1,0 +1,148 @@
+"""The same model as a DeepSpeed `PipelineModule`, for pipeline parallelism (PP > 1).
+
+Stage layout (DeepSpeed's `partition_method="type:BlockPipe"` balances the transformer blocks; what comes before the
+first block stays on stage 0, what follows the last block on the last stage):
+    stage 0:     EmbeddingPipe (tied)  -> EncodeDockPipe (text encoder + connector + docking) -> blocks ...
+    ...          BlockPipe ...
+    last stage:  ... blocks -> FinalNormPipe -> EmbeddingPipe (tied, as the output layer) -> loss_fn
+Between stages travel `(hidden, position_ids, document_ids)`; each block builds its mask from them (the plain causal
+mask is SDPA's/flex's built-in causal path, so that costs nothing). Tied input/output embeddings are DeepSpeed's
+`TiedLayerSpec` (their gradients are all-reduced between the first and last stage).
+Layers are seeded per layer index (`seed_layers`), so a PP=2 model starts from the same weights as PP=1.
+Reuses the blocks, encoders, connector and docking of `pretrain.model` (no second copy of the math).
+
+Legend: B batch, T length, d hidden.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pretrain.config import ModelConfig
+from pretrain.model import masks
+from pretrain.model.attention import AttentionMask
+from pretrain.model.blocks import Block, RotaryEmbedding, init_normal, mp_config
+from pretrain.model.connector import build_connector
+from pretrain.model.decoder import dock
+from pretrain.model.encoders import TextEncoder
+from pretrain.parallel import import_mcore
+
+INPUT_KEYS = ("tokens", "position_ids", "document_ids", "enc_tokens", "enc_positions", "enc_segments", "dock_src",
+              "dock_dst")
+LABEL_KEYS = ("labels", "loss_mask")
+
+
+class EmbeddingPipe(nn.Module):
+    """Vocab-parallel embedding; also the (tied) output layer on the last stage via `lm_head`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        tp = import_mcore().tensor_parallel
+        self.word = tp.VocabParallelEmbedding(cfg.vocab_size, cfg.decoder.hidden,
+                                              init_method=init_normal(cfg.init_std), config=mp_config())
+
+    def forward(self, inputs):
+        tokens, *rest = inputs
+        return (self.word(tokens), *rest)
+
+
+def lm_head(module: EmbeddingPipe, h_BTd: torch.Tensor) -> torch.Tensor:
+    tp = import_mcore().tensor_parallel
+    return torch.matmul(tp.copy_to_tensor_model_parallel_region(h_BTd), module.word.weight.t())
+
+
+class EncodeDockPipe(nn.Module):
+    """Text encoder + connector + docking (stage 0). Without an encoder it only drops the encoder inputs."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = TextEncoder(cfg) if cfg.encoder is not None else None
+        self.connector = (build_connector(cfg.connector, cfg.encoder.hidden, cfg.decoder.hidden)
+                          if cfg.encoder is not None else None)
+
+    def forward(self, inputs):
+        x, position_ids, document_ids, enc_tokens, enc_positions, enc_segments, dock_src, dock_dst = inputs
+        if self.encoder is not None and enc_tokens.shape[1] > 0:
+            B, Te = enc_tokens.shape
+            mask = AttentionMask.build(masks.block_diagonal(enc_segments), B, Te, None, enc_tokens.device,
+                                       self.cfg.attention_backend)
+            feats = self.connector(self.encoder(enc_tokens, enc_positions, mask)).flatten(0, 1)
+            x = dock(x, feats.index_select(0, dock_src), dock_dst)
+        return x, position_ids, document_ids
+
+
+class BlockPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.rope = RotaryEmbedding(cfg.decoder.head_dim, cfg.decoder.rope_theta)
+        self.block = Block(cfg.decoder, cfg.init_std, cfg.decoder.layers)
+
+    def forward(self, inputs):
+        x, position_ids, document_ids = inputs
+        B, T, _ = x.shape
+        if self.cfg.document_mask:
+            mm = masks.and_masks(masks.causal, masks.document(document_ids))
+            mask = AttentionMask.build(mm, B, T, None, x.device, self.cfg.attention_backend)
+        else:
+            mask = AttentionMask.build(masks.causal, B, T, None, x.device, self.cfg.attention_backend,
+                                       plain_causal=True)
+        return self.block(x, self.rope(position_ids), mask), position_ids, document_ids
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.decoder.hidden, eps=cfg.decoder.norm_eps)
+
+    def forward(self, inputs):
+        return self.norm(inputs[0])
+
+
+def pipeline_loss(logits_BTv: torch.Tensor, labels) -> torch.Tensor:
+    from pretrain.model.metalm import token_losses
+
+    target, loss_mask = labels
+    losses = token_losses(logits_BTv, target)
+    mask = loss_mask.float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def build_pipeline_module(cfg: ModelConfig, pp: int, tp: int, dp: int, seed: int):
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from pretrain.parallel import init_deepspeed_comm
+
+    init_deepspeed_comm()  # PipelineModule builds its process groups through deepspeed.comm
+    if not cfg.tie_embeddings:
+        raise ValueError("pipeline parallelism is implemented for tied embeddings (model.tie_embeddings=true)")
+    if cfg.vision is not None:
+        raise ValueError("pipeline parallelism does not carry images yet (vision models: parallel.pp=1)")
+    layers = [TiedLayerSpec("embed", EmbeddingPipe, cfg, tied_weight_attr="word.weight"),
+              LayerSpec(EncodeDockPipe, cfg)]
+    layers += [LayerSpec(BlockPipe, cfg) for _ in range(cfg.decoder.layers)]
+    layers += [LayerSpec(FinalNormPipe, cfg),
+               TiedLayerSpec("embed", EmbeddingPipe, cfg, forward_fn=lm_head, tied_weight_attr="word.weight")]
+    # megatron-core orders ranks tp fastest, then dp, then pp: the same as this topology's (pipe, data, model)
+    topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    return PipelineModule(layers=layers, topology=topo, loss_fn=pipeline_loss, seed_layers=True, base_seed=seed,
+                          seed_fn=_seed, partition_method="type:BlockPipe", activation_checkpoint_interval=0)
+
+
+def _seed(seed) -> None:
+    """DeepSpeed passes base_seed + a numpy integer layer index, which Python 3.11's random.seed refuses."""
+    import random
+
+    import numpy as np
+
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+    torch.manual_seed(int(seed))
+
+
+def pipeline_batches(micro_batches):
+    """MicroBatches -> the (inputs, labels) tuples DeepSpeed's pipeline engine reads."""
+    for batch in micro_batches:
+        yield tuple(batch[k] for k in INPUT_KEYS), tuple(batch[k] for k in LABEL_KEYS)
