@@ -249,3 +249,27 @@ def test_pipeline_parallel_2_matches_1(tmp_path, tok_model, moby_prefix):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
     layer_files = [f for f in os.listdir(tmp_path / "pp2" / "checkpoints" / "step_00000004") if f.startswith("layer_")]
     assert len(layer_files) >= 5, "DeepSpeed's per-layer pipeline checkpoint"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path, tok_model, moby_prefix):
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc-per-node", "2", "--master-port", str(free_port()), "--",
+           f"run_dir={tmp_path}", f"data.tokenizer_model={tok_model}", f"data.data_path=[{moby_prefix}]",
+           "schedule.train_steps=100000", "checkpoint.save_interval=0", *SMALL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    workers = subprocess.run(["pgrep", "-f", f"python -u -m pretrain.train .*run_dir={tmp_path}"], capture_output=True,
+                             text=True).stdout.split()
+    workers = [int(p) for p in workers if int(p) != proc.pid]
+    assert len(workers) == 2, workers
+    for pid in workers:  # what a scheduler's preemption does: SIGTERM to every worker
+        os.kill(pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested: saving at step" in out
+    tag = open(tmp_path / "checkpoints" / "latest").read()
+    assert os.path.exists(tmp_path / "checkpoints" / tag / COMPLETE)
+    assert int(tag[5:]) == max(losses(tmp_path))
