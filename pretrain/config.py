@@ -184,6 +184,7 @@ class CheckpointConfig:
     save_interval: int = 100  # steps; 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 3
     resume: str = "auto"  # auto | none | a checkpoint tag directory
+    init_from: str = ""  # a consolidated directory (pretrain.convert) to start from when there is nothing to resume
 
 
 @dataclass

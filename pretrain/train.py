@@ -103,6 +103,22 @@ def build_data(cfg: TrainConfig, tokenizer, dp_size: int):
     return train_ds, valid_ds
 
 
+def init_weights(cfg: TrainConfig, model) -> TrainState | None:
+    """Load a consolidated directory into this rank's (TP-sliced, pipeline-stage) model; returns the training
+    position when the directory came from `pretrain.convert reshard`."""
+    from megatron.core import parallel_state
+
+    from pretrain.convert import load_into, read_consolidated
+
+    src_cfg, sd, info = read_consolidated(cfg.checkpoint.init_from)
+    load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,
+              pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0)
+    if info.get("resume_position") and "step" in info:
+        return TrainState(step=int(info["step"]), consumed_samples=int(info["consumed_samples"]),
+                          skipped=int(info.get("skipped", 0)))
+    return None
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -254,13 +270,22 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model = MetaLM(cfg.model)
     n_params = cfg.model.param_count()["total"]
+    ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    resume_from = checkpoint.find_resume(ckpt_dir, cfg.checkpoint.resume, log=say)
+    init_state = None
+    if resume_from is None and cfg.checkpoint.init_from:
+        init_state = init_weights(cfg, model)
+        say(f"initialised from {cfg.checkpoint.init_from}"
+            + (f" at step {init_state.step}" if init_state else ""))
     engine = build_engine(cfg, model, dp, pipeline=uses_pipeline(cfg))
     device = engine.device
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
     state = TrainState()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    resume_from = checkpoint.find_resume(ckpt_dir, cfg.checkpoint.resume, log=say)
+    if init_state is not None:  # a resharded checkpoint: keep its step, data position and LR schedule position
+        state = init_state
+        engine.lr_scheduler.last_epoch = state.step - 1
+        engine.lr_scheduler.step()
     if resume_from:
         extra = checkpoint.load(engine, resume_from)
         state = TrainState(**extra["state"])
