@@ -80,6 +80,20 @@ class ModelConfig:
         if self.encoder is not None and not 0 <= self.freeze_encoder_layers <= self.encoder.layers:
             raise ValueError(f"freeze_encoder_layers {self.freeze_encoder_layers} not in 0..{self.encoder.layers}")
 
+    def flops_per_token(self, seq_length: int) -> float:
+        """Training FLOPs per decoder token, PaLM appendix B: 6·N + 12·layers·d·T, N = parameters without the input
+        embedding (tied: the output layer is counted); the text encoder's span tokens are counted the same way at
+        the sampled coverage."""
+        parts = self.param_count()
+        dec = self.decoder
+        n_dec = parts["decoder"] - (self.vocab_size * dec.hidden if not self.tie_embeddings else 0)
+        flops = 6 * n_dec + 12 * dec.layers * dec.hidden * seq_length
+        if self.encoder is not None:
+            enc = self.encoder
+            n_enc = parts["encoder"] - self.vocab_size * enc.hidden + parts["connector"]
+            flops += 0.25 * (6 * n_enc + 12 * enc.layers * enc.hidden * 128)  # ~25 % of tokens, spans <= 128
+        return float(flops)
+
     def image_slots(self) -> int:
         if self.vision is None:
             return 0
@@ -194,6 +208,7 @@ class LoggingConfig:
     eval_iters: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
+    peak_tflops: float = 989.0  # per GPU, for MFU (H100 SXM dense bf16); MFU is reported on GPUs only
 
 
 @dataclass

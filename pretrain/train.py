@@ -331,6 +331,9 @@ def train(cfg: TrainConfig) -> dict:
             m.update(lr=engine.get_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"),
                      tokens_per_s=tokens_per_step / dt, skipped=state.skipped,
                      consumed_samples=state.consumed_samples)
+            if torch.cuda.is_available():
+                m["mfu"] = (m["tokens_per_s"] * cfg.model.flops_per_token(cfg.data.seq_length)
+                            / (world * cfg.logging.peak_tflops * 1e12))
             rep.step(state.step, m)
             last = m
             if cfg.logging.eval_interval and state.step % cfg.logging.eval_interval == 0 and valid_ds:

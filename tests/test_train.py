@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -273,3 +274,34 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tok_model, moby_prefix):
     tag = open(tmp_path / "checkpoints" / "latest").read()
     assert os.path.exists(tmp_path / "checkpoints" / tag / COMPLETE)
     assert int(tag[5:]) == max(losses(tmp_path))
+
+
+def test_slurm_script_and_launcher_help():
+    r = subprocess.run([sys.executable, "-m", "pretrain.launch", "--slurm", "--print", "--nnodes", "4",
+                        "--nproc-per-node", "8", "--gpus", "--", "--config", "c.yaml", "parallel.tp=2"],
+                       capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert r.returncode == 0
+    s = r.stdout
+    assert "#SBATCH --nodes=4" in s and "#SBATCH --gpus-per-node=8" in s
+    assert "torch.distributed.run --nnodes=$SLURM_NNODES --nproc-per-node=8 --rdzv-backend=c10d" in s
+    assert "-m pretrain.train --config c.yaml parallel.tp=2" in s and "srun --kill-on-bad-exit=1" in s
+    for mod in ("pretrain.train", "pretrain.launch", "pretrain.plot", "pretrain.convert"):
+        r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, env=env(), cwd=ROOT)
+        assert r.returncode == 0 and "usage:" in r.stdout, mod
+
+
+def test_flops_per_token_matches_reference_formula():
+    from pretrain.config import preset
+
+    gpt = preset("gpt-baseline-1.3b")
+    d = gpt.decoder
+    n = gpt.param_count()["decoder"]  # tied: the embedding matrix is the output layer
+    assert gpt.flops_per_token(2048) == 6 * n + 12 * d.layers * d.hidden * 2048
+    assert preset("metalm-lo-1.3b").flops_per_token(2048) > gpt.flops_per_token(2048)
+
+
+@pytest.mark.slow
+def test_bf16_trains(tmp_path, tok_model, moby_prefix):
+    launch(tmp_path, tok_model, moby_prefix, "parallel.precision=bf16", "parallel.deepspeed=zero2", nproc=2, steps=3)
+    got = losses(tmp_path)
+    assert sorted(got) == [1, 2, 3] and all(np.isfinite(v) for v in got.values())
