@@ -176,3 +176,41 @@ def test_bad_inputs_name_the_problem_and_leave_nothing(trained, tmp_path, tok_mo
     r = subprocess.run([sys.executable, "-m", "pretrain.convert", "export-hf", "--model", str(tmp_path / "none"),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env(), cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: checkpoint not found")
+
+
+def test_lm_eval_on_local_task_matches_our_scores(trained, tmp_path, moby_jsonl):
+    pytest.importorskip("lm_eval")
+    from eval.lm_eval_bridge import make_task, run
+
+    _, model_dir = trained
+    rows = [json.loads(l)["text"].split() for l in open(moby_jsonl)]
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "items.jsonl", "w") as f:
+        for i in range(12):
+            good, bad = " ".join(rows[i + 3][140:150]), " ".join(rows[i + 60][200:210])
+            label = int(rng.integers(2))
+            f.write(json.dumps({"context": " ".join(rows[i + 3][100:140]),
+                                "choices": [good, bad] if label == 0 else [bad, good], "label": label}) + "\n")
+    make_task("moby_mc", str(tmp_path / "items.jsonl"), str(tmp_path / "tasks"))
+    res = run(str(model_dir), ["moby_mc"], str(tmp_path / "tasks"), log_samples=True)
+    assert res["results"]["moby_mc"]["sample_len"] == 12
+    model, _, tok = load_consolidated(str(model_dir))
+
+    def loglik(ctx, cont):  # lm-eval's recipe: BOS + encode(ctx + cont), continuation = what follows encode(ctx)
+        whole = tok.encode(ctx + cont)
+        n = len(whole) - len(tok.encode(ctx))
+        ids = [tok.ids.bos] + whole
+        T = len(ids) - 1
+        with torch.no_grad():
+            lp = torch.log_softmax(model.logits({"tokens": torch.tensor([ids[:-1]]),
+                                                 "position_ids": torch.arange(T)[None],
+                                                 "document_ids": torch.zeros(1, T, dtype=torch.int32)})[0], -1)
+        return lp[torch.arange(T), torch.tensor(ids[1:])][-n:].sum().item()
+
+    correct = 0
+    for s in res["samples"]["moby_mc"]:
+        ours = [loglik(ctx, cont) for ctx, cont in s["arguments"]]
+        theirs = [r[0][0] for r in s["resps"]]
+        np.testing.assert_allclose(ours, theirs, atol=1e-3)
+        correct += int(np.argmax(ours) == s["target"])
+    assert res["results"]["moby_mc"]["acc,none"] == pytest.approx(correct / 12)
