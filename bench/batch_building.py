@@ -9,12 +9,11 @@ Rows, in the same run: megatron-core's own GPTDataset.__getitem__ (the reference
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench.common import ROOT
 
 
 def main() -> int:
@@ -28,20 +27,16 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from data_tools import corpora, datasets, preprocess, tokenizer
+    from bench.common import corpora_and_tokenizer
+    from data_tools import datasets, preprocess, tokenizer
     from pretrain.objective import collate
 
-    raw = os.path.join(args.work, "raw")
-    for name in corpora.CORPORA:
-        corpora.fetch(name, raw, log=lambda *a: None)
-    model = os.path.join(args.work, "spm.model")
-    if not os.path.exists(model):
-        tokenizer.train_tokenizer(sorted(glob.glob(os.path.join(raw, "*.jsonl"))), model[:-6], vocab_size=8000)
+    inputs, model = corpora_and_tokenizer(args.work)
     tok = tokenizer.Tokenizer(model)
     prefix = preprocess.output_prefixes(os.path.join(args.work, "corpus"), ["text"])[0]
     if not os.path.exists(prefix + ".idx"):
-        preprocess.preprocess(sorted(glob.glob(os.path.join(raw, "*.jsonl"))), os.path.join(args.work, "corpus"),
-                              model, workers=2, append_eod=True, progress=False, log=lambda *a, **k: None)
+        preprocess.preprocess(inputs, os.path.join(args.work, "corpus"), model, workers=2, append_eod=True,
+                              progress=False, log=lambda *a, **k: None)
     n = args.batches * args.micro_batch
     B = args.micro_batch
     results = []

@@ -89,14 +89,10 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", default=os.path.join(ROOT, "work", "bench"))
     args = p.parse_args()
-    from data_tools import corpora, tokenizer
+    from bench.common import corpora_and_tokenizer
 
-    raw = os.path.join(args.work, "raw")
-    for name in corpora.CORPORA:
-        corpora.fetch(name, raw, log=lambda *a: None)
-    model = os.path.join(args.work, "spm.model")
-    if not os.path.exists(model):
-        tokenizer.train_tokenizer(sorted(glob.glob(os.path.join(raw, "*.jsonl"))), model[:-6], vocab_size=8000)
+    inputs, model = corpora_and_tokenizer(args.work)
+    raw = os.path.dirname(inputs[0])
     rows = []
     # one copy of the corpora first: no repeated text, so the word cache gets no help from the repetition
     unique = os.path.join(args.work, "input_unique.jsonl")
