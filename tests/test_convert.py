@@ -122,7 +122,7 @@ def test_import_export_round_trip_bit_identical(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_reshard_tp2_to_tp1_keeps_the_loss(tmp_path, tok_model, moby_prefix):
+def test_reshard_tp2_to_tp1_and_pp2_keeps_the_loss(tmp_path, tok_model, moby_prefix):
     common = ["parallel.deepspeed=zero1", "checkpoint.save_interval=4"]
     launch(tmp_path / "tp2", tok_model, moby_prefix, *common, "parallel.tp=2", nproc=2, steps=6)
     r = subprocess.run([sys.executable, "-m", "pretrain.convert", "reshard", "--checkpoint",
@@ -133,6 +133,11 @@ def test_reshard_tp2_to_tp1_keeps_the_loss(tmp_path, tok_model, moby_prefix):
     a, b = losses(tmp_path / "tp2"), losses(tmp_path / "tp1")
     assert sorted(b) == [5, 6], "the resharded run continues at step 5"
     assert b[5] == pytest.approx(a[5], rel=1e-5)
+    # and onto two pipeline stages (weights go to DeepSpeed's per-layer modules, the tied embedding included)
+    launch(tmp_path / "pp2", tok_model, moby_prefix, "parallel.deepspeed=pipeline_zero1", "parallel.pp=2",
+           f"checkpoint.init_from={tmp_path / 'rs'}", nproc=2, steps=6)
+    c = losses(tmp_path / "pp2")
+    assert sorted(c) == [5, 6] and c[5] == pytest.approx(a[5], rel=1e-5)
 
 
 def test_pipeline_checkpoint_consolidates(tmp_path, tok_model, moby_prefix):
