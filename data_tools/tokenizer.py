@@ -46,7 +46,7 @@ class SpecialIds:
     image_end: int
 
 
-WORD_CACHE_MAX = 200_000  # distinct segments kept by encode_batch_numpy before the cache is cleared
+WORD_CACHE_MAX = 500_000  # distinct segments kept by encode_batch_numpy before the cache is cleared
 _WORD_CUT = re.compile(r"(?<=[^ ]) (?=[^ ])")
 _CROSSING_PIECE = re.compile("[^\u2581]\u2581")
 
