@@ -27,7 +27,8 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python -m data_tools.demo --work $(WORK)
 	$(BIN)/python -m pretrain.launch --nproc-per-node $(NPROC) -- --config configs/tiny-cpu.yaml \
-		model.preset=$(MODEL) run_dir=$(WORK)/runs/$(MODEL) $(OVERRIDES) --generate "$(PROMPT)"
+		model.preset=$(MODEL) run_dir=$(WORK)/runs/$(MODEL) data.tokenizer_model=$(WORK)/tokenizer/spm.model \
+		"data.data_path=[$(WORK)/data/corpus_text_document]" $(OVERRIDES) --generate "$(PROMPT)"
 	$(BIN)/python -m pretrain.plot $$(ls -d $(WORK)/runs/*/) --out $(WORK)/loss.png
 
 test: setup

@@ -221,7 +221,7 @@ class DataSection:
     span_length: int = 128
     span_coverage: float = 0.25
     max_spans: int = 16
-    document_ids_reset_positions: bool = False
+    reset_position_ids: bool = False
     cache_dir: str = ""
 
 

@@ -97,7 +97,7 @@ def build_data(cfg: TrainConfig, tokenizer, dp_size: int):
     n_valid = cfg.logging.eval_iters * cfg.parallel.micro_batch * dp_size if cfg.logging.eval_iters else 0
     dcfg = DataConfig(data_path=d.data_path, split=d.split, seq_length=d.seq_length, seed=cfg.seed,
                       mode=data_mode(cfg), span_length=d.span_length, span_coverage=d.span_coverage,
-                      max_spans=d.max_spans, reset_position_ids=d.document_ids_reset_positions,
+                      max_spans=d.max_spans, reset_position_ids=d.reset_position_ids,
                       cache_dir=d.cache_dir or None)
     train_ds, valid_ds, _ = build_datasets(dcfg, tokenizer, [n_train, n_valid if n_evals else 0, 0])
     return train_ds, valid_ds
