@@ -65,15 +65,20 @@ class Reporter:
             self.log(f"step {step:6d} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm {m['grad_norm']:.3f} | "
                      f"{m['tokens_per_s']:,.0f} tokens/s | skipped {m['skipped']}{extra}")
 
-    def valid(self, step: int, loss: float, ppl: float) -> None:
+    def valid(self, step: int, metrics: dict) -> None:
+        """metrics: valid_loss / valid_ppl (causal-LM view) and, for semi-causal runs, valid_sclm_loss / _ppl."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, "valid_loss": loss, "valid_ppl": ppl}) + "\n")
+        metrics = {k: v for k, v in metrics.items() if k.startswith("valid")}
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.tb is not None:
-            self.tb.add_scalar("valid/loss", loss, step)
-            self.tb.add_scalar("valid/ppl", ppl, step)
-        self.log(f"step {step:6d} | validation loss {loss:.4f} | perplexity {ppl:.2f}")
+            for k, v in metrics.items():
+                self.tb.add_scalar(k.replace("valid_", "valid/", 1), v, step)
+        line = f"step {step:6d} | validation loss {metrics['valid_loss']:.4f} | perplexity {metrics['valid_ppl']:.2f}"
+        if "valid_sclm_loss" in metrics:
+            line += f" | semi-causal objective {metrics['valid_sclm_loss']:.4f}"
+        self.log(line)
 
     def close(self) -> None:
         if not self.enabled:

@@ -100,7 +100,23 @@ def build_data(cfg: TrainConfig, tokenizer, dp_size: int):
                       max_spans=d.max_spans, reset_position_ids=d.reset_position_ids,
                       cache_dir=d.cache_dir or None)
     train_ds, valid_ds, _ = build_datasets(dcfg, tokenizer, [n_train, n_valid if n_evals else 0, 0])
-    return train_ds, valid_ds
+    return train_ds, valid_sets(valid_ds)
+
+
+def valid_sets(valid_ds) -> dict:
+    """Validation sets by metric prefix. `valid` is always the plain causal-LM view (no spans, every target
+    counted), so perplexities of a MetaLM and its GPT baseline compare; a semi-causal run also reports its own
+    objective on the same samples as `valid_sclm`."""
+    import dataclasses
+
+    from data_tools.datasets import SemiCausalDataset
+
+    if valid_ds is None:
+        return {}
+    sets = {"valid": SemiCausalDataset(valid_ds.gpt, dataclasses.replace(valid_ds.cfg, mode="gpt"))}
+    if valid_ds.cfg.mode == "sclm":
+        sets["valid_sclm"] = valid_ds
+    return sets
 
 
 def init_weights(cfg: TrainConfig, model) -> TrainState | None:
@@ -212,8 +228,15 @@ def dp_world() -> int:
 
 
 @torch.no_grad()
+def validate_all(run) -> dict:
+    out = {}
+    for name, ds in run.valid_ds.items():
+        out[f"{name}_loss"], out[f"{name}_ppl"] = evaluate(run.engine, ds, run.cfg, run.device)
+    return out
+
+
 def evaluate(engine, valid_ds, cfg: TrainConfig, device) -> tuple[float, float]:
-    """Token-weighted mean loss over `eval_iters` micro-batches of the validation split, and its perplexity."""
+    """Token-weighted mean loss over `eval_iters` micro-batches of a validation set, and its perplexity."""
     from data_tools.datasets import MicroBatches
     from megatron.core import parallel_state
     from pretrain.model.metalm import token_losses
@@ -239,7 +262,25 @@ def evaluate(engine, valid_ds, cfg: TrainConfig, device) -> tuple[float, float]:
     return loss, math.exp(min(loss, 50.0))
 
 
-def train(cfg: TrainConfig) -> dict:
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+    cfg: TrainConfig
+    engine: object
+    tokenizer: object
+    train_ds: object
+    valid_ds: dict  # metric prefix -> validation set (see valid_sets)
+    batches: object
+    state: TrainState
+    reporter: object
+    ckpt_dir: str
+    config_yaml: str
+    resumed_step: int  # the step of the checkpoint resumed from (-1: none)
+    device: object
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Process groups, data, model, DeepSpeed engine, and the training position (resume or init_from)."""
     from pretrain import checkpoint
     from pretrain.parallel import init_distributed, init_model_parallel
 
@@ -269,37 +310,30 @@ def train(cfg: TrainConfig) -> dict:
         model = build_pipeline_module(cfg.model, cfg.parallel.pp, cfg.parallel.tp, dp, cfg.seed)
     else:
         model = MetaLM(cfg.model)
-    n_params = cfg.model.param_count()["total"]
     ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
     say = print if rank == 0 else (lambda *a, **k: None)
     resume_from = checkpoint.find_resume(ckpt_dir, cfg.checkpoint.resume, log=say)
-    init_state = None
-    if resume_from is None and cfg.checkpoint.init_from:
-        init_state = init_weights(cfg, model)
-        say(f"initialised from {cfg.checkpoint.init_from}"
-            + (f" at step {init_state.step}" if init_state else ""))
-    engine = build_engine(cfg, model, dp, pipeline=uses_pipeline(cfg))
-    device = engine.device
-    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     state = TrainState()
-    if init_state is not None:  # a resharded checkpoint: keep its step, data position and LR schedule position
-        state = init_state
+    if resume_from is None and cfg.checkpoint.init_from:
+        state = init_weights(cfg, model) or state
+        say(f"initialised from {cfg.checkpoint.init_from} at step {state.step}")
+    engine = build_engine(cfg, model, dp, pipeline=uses_pipeline(cfg))
+    if state.step:  # a resharded checkpoint: continue its LR schedule too
         engine.lr_scheduler.last_epoch = state.step - 1
         engine.lr_scheduler.step()
     if resume_from:
-        extra = checkpoint.load(engine, resume_from)
-        state = TrainState(**extra["state"])
+        state = TrainState(**checkpoint.load(engine, resume_from)["state"])
         say(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             f.write(config_yaml)
     rep = Reporter(cfg.run_dir, cfg.schedule.train_steps, state.step, cfg.logging.log_interval,
                    cfg.logging.tensorboard, cfg.logging.progress_bar, enabled=rank == 0)
-    rep.log(f"model: {n_params / 1e6:.1f}M parameters | world {world} (dp {dp}, tp {cfg.parallel.tp}, "
-            f"pp {cfg.parallel.pp}) | "
-            f"{cfg.parallel.deepspeed} | {cfg.parallel.precision} | data mode {data_mode(cfg)} | "
-            f"train samples {len(train_ds):,}")
+    rep.log(f"model: {cfg.model.param_count()['total'] / 1e6:.1f}M parameters | world {world} (dp {dp}, "
+            f"tp {cfg.parallel.tp}, pp {cfg.parallel.pp}) | {cfg.parallel.deepspeed} | {cfg.parallel.precision} | "
+            f"data mode {data_mode(cfg)} | train samples {len(train_ds):,}")
     # The global sample order is fixed; this rank reads its slice of each global micro-step.
     batches = iter(MicroBatches(train_ds, cfg.parallel.micro_batch, state.consumed_samples,
                                 parallel_state.get_data_parallel_rank(), dp))
@@ -307,43 +341,64 @@ def train(cfg: TrainConfig) -> dict:
         from pretrain.pipeline import pipeline_batches
 
         batches = pipeline_batches(batches)
+    resumed_step = int(os.path.basename(resume_from)[len("step_"):]) if resume_from else -1
+    return Run(cfg, engine, tokenizer, train_ds, valid_ds, batches, state, rep, ckpt_dir, config_yaml,
+               resumed_step, engine.device)
+
+
+def save(run: Run) -> None:
+    from pretrain import checkpoint
+
+    checkpoint.save(run.engine, run.ckpt_dir, run.state.step, {"state": vars(run.state).copy()}, run.config_yaml,
+                    run.cfg.checkpoint.keep_last, log=run.reporter.log)
+
+
+def every(interval: int, step: int) -> bool:
+    return bool(interval) and step % interval == 0
+
+
+def timed_step(run: Run) -> dict:
+    """One optimizer step and its metrics."""
+    cfg, state, engine = run.cfg, run.state, run.engine
+    fi = cfg.fault_injection
+    if fi.get("die_at_step") == state.step + 1 and dist.get_rank() == fi.get("die_rank", 0):
+        os.kill(os.getpid(), signal.SIGKILL)  # tests: a rank dying mid-run
+    t0 = time.perf_counter()
+    skipped_before = state.skipped
+    m = train_step(cfg, engine, run.batches, state, run.device)
+    dt = time.perf_counter() - t0
+    if state.skipped > skipped_before:
+        run.reporter.log(f"step {state.step}: {state.skipped - skipped_before} micro-batch(es) with a non-finite "
+                         f"loss skipped ({state.skipped} so far)")
+    gn = engine.get_global_grad_norm()
+    tokens = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_world() * cfg.data.seq_length
+    m.update(lr=engine.get_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"), tokens_per_s=tokens / dt,
+             skipped=state.skipped, consumed_samples=state.consumed_samples)
+    if torch.cuda.is_available():
+        m["mfu"] = (m["tokens_per_s"] * cfg.model.flops_per_token(cfg.data.seq_length)
+                    / (dist.get_world_size() * cfg.logging.peak_tflops * 1e12))
+    return m
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train to `schedule.train_steps`; returns the last metrics (and the engine and tokenizer)."""
+    run = setup(cfg)
+    state, rep = run.state, run.reporter
     stop = StopFlag()
-    tokens_per_step = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp * cfg.data.seq_length
-    last = {}
-
-    def save():
-        checkpoint.save(engine, ckpt_dir, state.step, {"state": vars(state).copy()}, config_yaml,
-                        cfg.checkpoint.keep_last, log=rep.log)
-
+    last: dict = {}
     try:
         while state.step < cfg.schedule.train_steps:
-            t0 = time.perf_counter()
-            if cfg.fault_injection.get("die_at_step") == state.step + 1 and \
-                    rank == cfg.fault_injection.get("die_rank", 0):
-                os.kill(os.getpid(), signal.SIGKILL)
-            skipped_before = state.skipped
-            m = train_step(cfg, engine, batches, state, device)
-            if state.skipped > skipped_before:
-                rep.log(f"step {state.step}: {state.skipped - skipped_before} micro-batch(es) with a non-finite "
-                        f"loss skipped ({state.skipped} so far)")
-            dt = time.perf_counter() - t0
-            gn = engine.get_global_grad_norm()
-            m.update(lr=engine.get_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"),
-                     tokens_per_s=tokens_per_step / dt, skipped=state.skipped,
-                     consumed_samples=state.consumed_samples)
-            if torch.cuda.is_available():
-                m["mfu"] = (m["tokens_per_s"] * cfg.model.flops_per_token(cfg.data.seq_length)
-                            / (world * cfg.logging.peak_tflops * 1e12))
-            rep.step(state.step, m)
-            last = m
-            if cfg.logging.eval_interval and state.step % cfg.logging.eval_interval == 0 and valid_ds:
-                rep.valid(state.step, *evaluate(engine, valid_ds, cfg, device))
-            if cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0:
-                save()
+            last = timed_step(run)
+            rep.step(state.step, last)
+            if every(cfg.logging.eval_interval, state.step) and run.valid_ds:
+                rep.valid(state.step, validate_all(run))
+            saved = every(cfg.checkpoint.save_interval, state.step)
+            if saved:
+                save(run)
             if stop.agreed():
                 rep.log(f"stop requested: saving at step {state.step} and exiting")
-                if not (cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0):
-                    save()
+                if not saved:
+                    save(run)
                 rep.close()
                 return {"stopped": True, **last}
     except TrainingAborted as e:
@@ -351,16 +406,14 @@ def train(cfg: TrainConfig) -> dict:
         rep.close()
         raise
     result = dict(last)
-    evaluated_last = cfg.logging.eval_interval and state.step % cfg.logging.eval_interval == 0
-    if valid_ds and cfg.logging.eval_iters and not evaluated_last:
-        result["valid_loss"], result["valid_ppl"] = evaluate(engine, valid_ds, cfg, device)
-        rep.valid(state.step, result["valid_loss"], result["valid_ppl"])
-    if not (cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0) and \
-            (resume_from is None or state.step > int(os.path.basename(resume_from)[5:])):
-        save()
+    if run.valid_ds and cfg.logging.eval_iters and not every(cfg.logging.eval_interval, state.step):
+        result.update(validate_all(run))
+        rep.valid(state.step, result)
+    if not every(cfg.checkpoint.save_interval, state.step) and state.step > run.resumed_step:
+        save(run)
     rep.close()
-    result["engine"] = engine
-    result["tokenizer"] = tokenizer
+    result["engine"] = run.engine
+    result["tokenizer"] = run.tokenizer
     return result
 
 

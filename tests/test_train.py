@@ -305,3 +305,20 @@ def test_bf16_trains(tmp_path, tok_model, moby_prefix):
     launch(tmp_path, tok_model, moby_prefix, "parallel.precision=bf16", "parallel.deepspeed=zero2", nproc=2, steps=3)
     got = losses(tmp_path)
     assert sorted(got) == [1, 2, 3] and all(np.isfinite(v) for v in got.values())
+
+
+def test_validation_perplexity_is_the_causal_lm_view(tok_model, tok, moby_prefix, tmp_path):
+    from pretrain.train import build_data
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"data.tokenizer_model={tok_model}",
+                             f"data.data_path=[{moby_prefix}]", "logging.eval_iters=2", *SMALL[:-5]])
+    _, valid = build_data(cfg, tok, 1)
+    assert set(valid) == {"valid", "valid_sclm"}
+    lm, sclm = valid["valid"][0], valid["valid_sclm"][0]
+    np.testing.assert_array_equal(lm["tokens"], sclm["tokens"])
+    assert lm["loss_mask"].all() and lm["enc_tokens"].shape == (0,)
+    assert len(sclm["spans"]) > 0 and not sclm["loss_mask"].all()
+    gpt_cfg = load_config(None, [f"run_dir={tmp_path}", f"data.tokenizer_model={tok_model}",
+                                 f"data.data_path=[{moby_prefix}]", "model.encoder=null", "logging.eval_iters=2",
+                                 *[o for o in SMALL[:-5] if not o.startswith("model.encoder")]])
+    assert set(build_data(gpt_cfg, tok, 1)[1]) == {"valid"}
