@@ -82,7 +82,8 @@ def inspect(prefix: str, tokenizer_model: str | None = None, decode: Sequence[in
         for i in decode:
             ids = document_tokens(ds, i)
             shown = ids[:max_tokens]
-            out.append(f"--- document {i} ({len(ids):,} tokens{', first ' + str(max_tokens) if len(ids) > max_tokens else ''}) ---")
+            shown_note = f", first {max_tokens}" if len(ids) > max_tokens else ""
+            out.append(f"--- document {i} ({len(ids):,} tokens{shown_note}) ---")
             out.append(tok.decode(shown))
     return "\n".join(out)
 

@@ -178,8 +178,8 @@ def _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, dtype, str
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", disable=True if progress is False else None,
-                   file=sys.stderr, mininterval=1.0)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
+                   disable=True if progress is False else None, mininterval=1.0)  # None: on a terminal only
         for res in _ordered_results(_chunks(inputs, json_keys), pool, workers):
             for bad in res.bad:
                 if strict:
