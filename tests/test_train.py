@@ -322,3 +322,14 @@ def test_validation_perplexity_is_the_causal_lm_view(tok_model, tok, moby_prefix
                                  f"data.data_path=[{moby_prefix}]", "model.encoder=null", "logging.eval_iters=2",
                                  *[o for o in SMALL[:-5] if not o.startswith("model.encoder")]])
     assert set(build_data(gpt_cfg, tok, 1)[1]) == {"valid"}
+
+
+@pytest.mark.slow
+def test_exact_resume_under_pipeline_parallelism(tmp_path, tok_model, moby_prefix):
+    common = ["parallel.deepspeed=pipeline_zero1", "parallel.pp=2", "checkpoint.save_interval=3"]
+    launch(tmp_path / "straight", tok_model, moby_prefix, *common, nproc=2, steps=6)
+    r = launch(tmp_path / "cut", tok_model, moby_prefix, *common, "fault_injection={die_at_step: 5, die_rank: 0}",
+               nproc=2, steps=6, check=False)
+    assert r.returncode != 0
+    launch(tmp_path / "cut", tok_model, moby_prefix, *common, nproc=2, steps=6)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "cut")
