@@ -41,3 +41,20 @@ def check_dataset_prefix(prefix: str) -> None:
         if not os.path.isfile(prefix + ext):
             hint = " (an interrupted preprocessing run leaves no .idx)" if ext == ".idx" else ""
             raise UserError(f"dataset {prefix}: {prefix + ext} not found{hint}")
+
+
+def publish_dataset(prefix: str, tmp: str) -> None:
+    """Rename a finished PREFIX.bin/.idx + tmp pair into place. The old .idx goes first and the new .idx last, so
+    at no moment does a .bin sit beside an .idx that does not describe it."""
+    if os.path.exists(prefix + ".idx"):
+        os.remove(prefix + ".idx")
+    os.replace(prefix + ".bin" + tmp, prefix + ".bin")
+    os.replace(prefix + ".idx" + tmp, prefix + ".idx")
+
+
+def discard_dataset(prefix: str, tmp: str, builder) -> None:
+    """Close an unfinished builder and remove its temporary files (a failed or interrupted run)."""
+    builder.data_file.close()
+    for ext in (".bin", ".idx"):
+        if os.path.exists(prefix + ext + tmp):
+            os.remove(prefix + ext + tmp)

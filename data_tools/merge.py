@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Sequence
 
-from data_tools.cli import UserError, check_dataset_prefix, import_indexed_dataset, run_cli
+from data_tools.cli import (UserError, check_dataset_prefix, discard_dataset, import_indexed_dataset,
+                            publish_dataset, run_cli)
 
 
 def merge(inputs: Sequence[str], output_prefix: str) -> tuple[int, int]:
@@ -37,17 +38,11 @@ def merge(inputs: Sequence[str], output_prefix: str) -> tuple[int, int]:
         for prefix in inputs:
             builder.add_index(prefix)
         builder.finalize(output_prefix + ".idx" + tmp)
-        if os.path.exists(output_prefix + ".idx"):
-            os.remove(output_prefix + ".idx")
-        os.replace(output_prefix + ".bin" + tmp, output_prefix + ".bin")
-        os.replace(output_prefix + ".idx" + tmp, output_prefix + ".idx")
+        publish_dataset(output_prefix, tmp)
         done = True
     finally:
         if not done:
-            builder.data_file.close()
-            for ext in (".bin", ".idx"):
-                if os.path.exists(output_prefix + ext + tmp):
-                    os.remove(output_prefix + ext + tmp)
+            discard_dataset(output_prefix, tmp, builder)
     merged = indexed.IndexedDataset(output_prefix)
     return len(merged.document_indices) - 1, len(merged)
 

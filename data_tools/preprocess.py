@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from data_tools.cli import UserError, import_indexed_dataset, run_cli
+from data_tools.cli import UserError, discard_dataset, import_indexed_dataset, publish_dataset, run_cli
 from data_tools.readers import BadRecord, Chunk, check_inputs, iter_chunks, parse_chunk
 
 
@@ -204,20 +204,13 @@ def _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, dtype, str
         for prefix, builder in zip(prefixes, builders):
             builder.finalize(prefix + ".idx" + tmp)
         for prefix in prefixes:
-            # idx goes last: a .bin without its .idx is never taken for a dataset.
-            if os.path.exists(prefix + ".idx"):
-                os.remove(prefix + ".idx")
-            os.replace(prefix + ".bin" + tmp, prefix + ".bin")
-            os.replace(prefix + ".idx" + tmp, prefix + ".idx")
+            publish_dataset(prefix, tmp)
             summary.outputs += [prefix + ".bin", prefix + ".idx"]
         finished = True
     finally:
         if not finished:
             for prefix, builder in zip(prefixes, builders):
-                builder.data_file.close()
-                for ext in (".bin", ".idx"):
-                    if os.path.exists(prefix + ext + tmp):
-                        os.remove(prefix + ext + tmp)
+                discard_dataset(prefix, tmp, builder)
     summary.seconds = time.perf_counter() - t0
     return summary
 
