@@ -19,12 +19,11 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import ModelConfig
-from pretrain.model import masks
-from pretrain.model.attention import AttentionMask
 from pretrain.model.blocks import Block, RotaryEmbedding, init_normal, mp_config
 from pretrain.model.connector import build_connector
 from pretrain.model.decoder import dock
 from pretrain.model.encoders import TextEncoder
+from pretrain.model.metalm import decoder_mask, encoder_mask
 from pretrain.parallel import import_mcore
 
 INPUT_KEYS = ("tokens", "position_ids", "document_ids", "enc_tokens", "enc_positions", "enc_segments", "dock_src",
@@ -64,9 +63,7 @@ class EncodeDockPipe(nn.Module):
     def forward(self, inputs):
         x, position_ids, document_ids, enc_tokens, enc_positions, enc_segments, dock_src, dock_dst = inputs
         if self.encoder is not None and enc_tokens.shape[1] > 0:
-            B, Te = enc_tokens.shape
-            mask = AttentionMask.build(masks.block_diagonal(enc_segments), B, Te, None, enc_tokens.device,
-                                       self.cfg.attention_backend)
+            mask = encoder_mask(self.cfg, enc_segments)
             feats = self.connector(self.encoder(enc_tokens, enc_positions, mask)).flatten(0, 1)
             x = dock(x, feats.index_select(0, dock_src), dock_dst)
         return x, position_ids, document_ids
@@ -81,13 +78,7 @@ class BlockPipe(nn.Module):
 
     def forward(self, inputs):
         x, position_ids, document_ids = inputs
-        B, T, _ = x.shape
-        if self.cfg.document_mask:
-            mm = masks.and_masks(masks.causal, masks.document(document_ids))
-            mask = AttentionMask.build(mm, B, T, None, x.device, self.cfg.attention_backend)
-        else:
-            mask = AttentionMask.build(masks.causal, B, T, None, x.device, self.cfg.attention_backend,
-                                       plain_causal=True)
+        mask = decoder_mask(self.cfg, document_ids)
         return self.block(x, self.rope(position_ids), mask), position_ids, document_ids
 
 

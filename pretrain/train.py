@@ -156,9 +156,7 @@ class StopFlag:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested)
 
 
 def any_rank(flag: bool) -> bool:

@@ -40,24 +40,11 @@ class MetaLM(nn.Module):
                                                  cfg.resampler_queries, cfg.decoder.heads)
                                  if cfg.vision is not None else None)
 
-    # ---- masks (built once per forward) ----
-    def decoder_mask(self, batch) -> AttentionMask:
-        B, T = batch["tokens"].shape
-        dev = batch["tokens"].device
-        if self.cfg.document_mask:
-            mm = masks.and_masks(masks.causal, masks.document(batch["document_ids"]))
-            return AttentionMask.build(mm, B, T, None, dev, self.cfg.attention_backend)
-        return AttentionMask.build(masks.causal, B, T, None, dev, self.cfg.attention_backend, plain_causal=True)
-
-    def encoder_mask(self, batch) -> AttentionMask:
-        B, Te = batch["enc_tokens"].shape
-        return AttentionMask.build(masks.block_diagonal(batch["enc_segments"]), B, Te, None,
-                                   batch["enc_tokens"].device, self.cfg.attention_backend)
-
     # ---- forward ----
     def encode_spans(self, batch) -> torch.Tensor:
         """Connector output for every encoder position, flat [B*Te, d_dec]."""
-        h = self.encoder(batch["enc_tokens"], batch["enc_positions"], self.encoder_mask(batch))
+        mask = encoder_mask(self.cfg, batch["enc_segments"])
+        h = self.encoder(batch["enc_tokens"], batch["enc_positions"], mask)
         return self.connector(h).flatten(0, 1)
 
     def encode_images(self, images) -> torch.Tensor:
@@ -78,13 +65,30 @@ class MetaLM(nn.Module):
 
     def logits(self, batch) -> torch.Tensor:
         """Vocab-parallel logits [B, T, V/tp]."""
-        return self.decoder(self.embed_and_dock(batch), batch["position_ids"], self.decoder_mask(batch))
+        mask = decoder_mask(self.cfg, batch["document_ids"])
+        return self.decoder(self.embed_and_dock(batch), batch["position_ids"], mask)
 
     def forward(self, batch) -> torch.Tensor:
         """Scalar loss: mean cross entropy over the counted targets (loss_mask)."""
         losses = token_losses(self.logits(batch), batch["labels"])
         mask = batch["loss_mask"].float()
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ---- masks: built once per forward, shared by every layer of a stack (also by pretrain/pipeline.py) ----
+def decoder_mask(cfg: ModelConfig, document_ids_BT: torch.Tensor) -> AttentionMask:
+    B, T = document_ids_BT.shape
+    dev = document_ids_BT.device
+    if cfg.document_mask:
+        mm = masks.and_masks(masks.causal, masks.document(document_ids_BT))
+        return AttentionMask.build(mm, B, T, None, dev, cfg.attention_backend)
+    return AttentionMask.build(masks.causal, B, T, None, dev, cfg.attention_backend, plain_causal=True)
+
+
+def encoder_mask(cfg: ModelConfig, enc_segments_BTe: torch.Tensor) -> AttentionMask:
+    B, Te = enc_segments_BTe.shape
+    return AttentionMask.build(masks.block_diagonal(enc_segments_BTe), B, Te, None, enc_segments_BTe.device,
+                               cfg.attention_backend)
 
 
 def token_losses(logits_BTv: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
