@@ -86,7 +86,11 @@ def build_gpt_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | N
         create_attention_mask=False,
     )
     _check_splits_nonempty(prefixes, gcfg.split_matrix, num_samples)
-    _ensure_process_group()
+    # megatron-core's BlendedDataset asks torch.distributed for the rank when it caches its indices; outside a
+    # training job (CLI, tests) this gives it a one-process group, inside one the job's group is already there.
+    from pretrain.parallel import init_distributed
+
+    init_distributed("gloo")
     import logging
 
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
@@ -94,15 +98,6 @@ def build_gpt_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | N
 
 
 SPLIT_NAMES = ("train", "valid", "test")
-
-
-def _ensure_process_group() -> None:
-    """megatron-core's BlendedDataset asks torch.distributed for the rank when it caches its indices; outside a
-    training job (CLI, tests) give it a one-process gloo group on an in-memory store."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _check_splits_nonempty(prefixes, split_matrix, num_samples) -> None:
