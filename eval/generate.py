@@ -1,37 +1,268 @@
-"""Greedy generation from a MetaLM decoder (no spans: the decoder alone, as a causal LM).
+"""Text generation from a MetaLM (or GPT baseline) decoder: KV cache, greedy or sampled, batched, stop strings.
 
-Recomputes the whole prefix at every step (no KV cache): this is for short demo continuations and checks, not for
-serving. Collective under tensor parallelism and ZeRO-3 (every rank must call it); all ranks return the same text.
+    python -m eval.generate --model exported/metalm --prompt "Call me Ishmael." --max-new-tokens 64
+    python -m eval.generate --model RUN --prompts prompts.txt --temperature 0.8 --top-p 0.9 --seed 1
+    python -m eval.generate --model exported/metalm --encode "a passage for the encoder" --prompt "In short,"
+
+- Each row is `<s>`, optionally a passage given to the text encoder (`--encode`: docked into one decoder slot per
+  passage token, as a span is in pretraining), then the prompt tokens. A batch is left-padded; padding is masked
+  out of attention and positions count real tokens only, so a batch gives what each prompt gives alone.
+- KV cache (`eval.inference.decode_step`): the prompt is run once, then one position per step. `--no-cache`
+  recomputes the whole sequence every step (the reference the cache is tested against; `bench/eval_throughput.py`
+  times both).
+- Decoding: greedy (`--temperature 0`), or temperature / top-k / top-p sampling from a `torch.Generator` seeded
+  with `--seed` (same seed, same text). Stops at `</s>` or the end-of-document token `</d>`, at any `--stop`
+  string (cut before it), or after `--max-new-tokens`. `max_seq_length` guard: prompts longer than the model's
+  limit lose tokens from the left (a warning says how many); the new tokens are capped to what still fits.
+- Collective under tensor parallelism: logits are gathered over TP ranks and the chosen tokens broadcast from TP
+  rank 0, so every rank returns the same text.
+
+Legend: B rows, P padded prompt length, V vocabulary.
 """
 from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+
+
+@dataclass
+class Generation:
+    ids: list[int]
+    text: str = ""
+    stopped_by: str = "length"  # length | eos | stop string
+    prompt_truncated: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _filter(logits_BV: torch.Tensor, g: GenerationConfig) -> torch.Tensor:
+    logits_BV = logits_BV / g.temperature
+    if g.top_k:
+        kth = torch.topk(logits_BV, min(g.top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if g.top_p < 1.0:
+        sorted_l, idx = torch.sort(logits_BV, descending=True, dim=-1)
+        probs = sorted_l.softmax(-1)
+        drop = probs.cumsum(-1) - probs > g.top_p  # keep the smallest prefix whose mass reaches top_p
+        logits_BV = logits_BV.scatter(-1, idx, sorted_l.masked_fill(drop, float("-inf")))
+    return logits_BV
+
+
+def choose(logits_BV: torch.Tensor, g: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
+    if g.temperature == 0:
+        return logits_BV.argmax(-1)
+    probs = _filter(logits_BV.float(), g).softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(logits_BV.device)
+
+
+def _tp_broadcast(t: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        import torch.distributed as dist
+
+        dist.broadcast(t, parallel_state.get_tensor_model_parallel_src_rank(),
+                       group=parallel_state.get_tensor_model_parallel_group())
+    return t
+
+
+def _prefill_batch(rows: list[tuple[list[int], list[int]]], P: int, pad: int, dev) -> tuple[dict, torch.Tensor]:
+    """Left-padded batch of rows (passage ids for the encoder, decoder ids after <s>... as given), with docking."""
+    B = len(rows)
+    Te = max([len(p) for p, _ in rows] + [0])
+    tokens = torch.full((B, P), pad, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    enc = torch.full((B, Te), pad, dtype=torch.long)
+    enc_pos = torch.zeros(B, Te, dtype=torch.long)
+    enc_seg = torch.full((B, Te), -1, dtype=torch.int32)
+    dst = torch.full((B, Te), B * P, dtype=torch.long)
+    for b, (passage, dec) in enumerate(rows):
+        n = len(dec)
+        tokens[b, P - n:] = torch.tensor(dec)
+        valid[b, P - n:] = True
+        m = len(passage)
+        if m:  # the passage's slots are dec[1:1+m] (right after <s>)
+            enc[b, :m] = torch.tensor(passage)
+            enc_pos[b, :m] = torch.arange(m)
+            enc_seg[b, :m] = 0
+            dst[b, :m] = b * P + (P - n) + 1 + torch.arange(m)
+    batch = {"tokens": tokens, "position_ids": (valid.long().cumsum(1) - 1).clamp(min=0)}
+    if Te:
+        batch.update(enc_tokens=enc, enc_positions=enc_pos, enc_segments=enc_seg,
+                     dock_src=torch.arange(B * Te), dock_dst=dst.reshape(-1))
+    return {k: v.to(dev) for k, v in batch.items()}, valid.to(dev)
+
+
 @torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...] = ()) -> list[int]:
-    from megatron.core import tensor_parallel
+def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig, max_seq_length: int,
+                   passages: Sequence[list[int]] | None = None, stop_ids: Sequence[int] | None = None
+                   ) -> list[Generation]:
+    """Generate after each `<s> [passage slots] prompt` (prompt ids without <s>). Returns one Generation per row."""
+    from eval.inference import decode_step, inference_mode, model_device, new_cache, step_mask
 
-    device = next(model.parameters()).device
-    ids = list(prompt_ids)
-    was_training = model.training
-    model.eval()
-    for _ in range(max_new_tokens):
-        tokens = torch.tensor([ids], dtype=torch.long, device=device)
-        T = tokens.shape[1]
-        batch = {"tokens": tokens, "position_ids": torch.arange(T, device=device)[None],
-                 "document_ids": torch.zeros(1, T, dtype=torch.int32, device=device)}
-        logits = model.logits(batch)[:, -1]  # vocab-parallel shard
-        full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-        nxt = int(full.float().argmax(-1).item())
-        ids.append(nxt)
-        if nxt in eos_ids:
-            break
-    model.train(was_training)
-    return ids[len(prompt_ids):]
+    dev = model_device(model)
+    B = len(prompts)
+    passages = list(passages) if passages is not None else [[] for _ in range(B)]
+    stop_ids = set(stop_ids if stop_ids is not None else (tok.ids.eos, tok.ids.eod))
+    outs = [Generation([]) for _ in range(B)]
+    rows = []
+    for b, (passage, prompt) in enumerate(zip(passages, prompts)):
+        over = 1 + len(passage) + len(prompt) + 1 - max_seq_length  # room for at least one new token
+        if over > 0:
+            if over > len(prompt):
+                raise ValueError(f"row {b}: the passage alone ({len(passage)} tokens) leaves no room under "
+                                 f"max_seq_length={max_seq_length}")
+            prompt = prompt[over:]
+            outs[b].prompt_truncated = over
+            outs[b].notes.append(f"prompt cut by {over} tokens from the left (max_seq_length {max_seq_length})")
+        rows.append((list(passage), [tok.ids.bos] + list(passage) + list(prompt)))
+    P = max(len(d) for _, d in rows)
+    new = min(g.max_new_tokens, max_seq_length - P)
+    if new < g.max_new_tokens:
+        for o in outs:
+            o.notes.append(f"max_new_tokens capped at {new} by max_seq_length {max_seq_length}")
+    batch, valid_prompt = _prefill_batch(rows, P, tok.ids.pad, dev)
+    valid = torch.cat([valid_prompt, torch.ones(B, max(new, 0), dtype=torch.bool, device=dev)], 1)
+    gen = torch.Generator().manual_seed(g.seed)
+    vocab = tok.vocab_size
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    with inference_mode(model):
+        cache = new_cache(model, B, P + new) if g.use_cache else None
+        logits = decode_step(model, batch, step_mask(valid, 0, P), cache)[:, -1]
+        pos = batch["position_ids"][:, -1:]
+        seq = batch["tokens"]
+        for t in range(new):
+            logits[:, vocab:] = float("-inf")  # model rows beyond the tokenizer's vocabulary
+            nxt = _tp_broadcast(choose(logits, g, gen))
+            for b in range(B):
+                if done[b]:
+                    continue
+                i = int(nxt[b])
+                if i in stop_ids:
+                    done[b] = True
+                    outs[b].stopped_by = "eos"
+                    continue
+                outs[b].ids.append(i)
+                if g.stop:
+                    text = tok.decode(outs[b].ids)
+                    if any(s in text for s in g.stop):
+                        done[b] = True
+                        outs[b].stopped_by = "stop string"
+            if bool(done.all()) or t == new - 1:
+                break
+            nxt = torch.where(done, torch.full_like(nxt, tok.ids.pad), nxt)
+            pos = pos + 1
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            if cache is not None:
+                step = {"tokens": nxt[:, None], "position_ids": pos}
+                logits = decode_step(model, step, step_mask(valid, P + t, 1), cache)[:, -1]
+            else:  # recompute everything (the reference for the cache)
+                full = dict(batch, tokens=seq, position_ids=torch.cat([batch["position_ids"],
+                                                                       _positions_after(batch, t + 1)], 1))
+                if "dock_dst" in full:
+                    T = seq.shape[1]
+                    d = batch["dock_dst"]
+                    full["dock_dst"] = torch.where(d == B * P, B * T, d // P * T + d % P)
+                logits = decode_step(model, full, step_mask(valid, 0, P + t + 1), None)[:, -1]
+    for o in outs:
+        o.text = tok.decode(o.ids)
+        if g.stop and o.stopped_by == "stop string":
+            cut = min(o.text.index(s) for s in g.stop if s in o.text)
+            o.text = o.text[:cut]
+    return outs
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
-    ids = generate_ids(model, [tokenizer.ids.bos] + tokenizer.encode(prompt), max_new_tokens,
-                       eos_ids=(tokenizer.ids.eos, tokenizer.ids.eod))
-    return tokenizer.decode(ids)
+def _positions_after(batch: dict, n: int) -> torch.Tensor:
+    last = batch["position_ids"][:, -1:]
+    return last + torch.arange(1, n + 1, device=last.device)[None]
+
+
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...] = (),
+                 max_seq_length: int = 1 << 30) -> list[int]:
+    """Greedy continuation of prompt_ids (which include <s> when wanted), cached; stops only at eos_ids."""
+    from types import SimpleNamespace
+
+    ids_only = SimpleNamespace(ids=SimpleNamespace(bos=prompt_ids[0], pad=0, eos=-1, eod=-1), vocab_size=1 << 62,
+                               decode=lambda ids: "")  # the prompt comes as ids: nothing to decode
+    return generate_batch(model, ids_only, [list(prompt_ids[1:])], GenerationConfig(max_new_tokens=max_new_tokens),
+                          max_seq_length, stop_ids=eos_ids)[0].ids
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, max_seq_length: int = 1 << 30) -> str:
+    """Greedy continuation of a text prompt (the trainer's --generate)."""
+    return generate_batch(model, tokenizer, [tokenizer.encode(prompt)], GenerationConfig(max_new_tokens),
+                          max_seq_length)[0].text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="consolidated directory, or run / checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="a file with one prompt per line")
+    p.add_argument("--encode", default="", help="a passage for the text encoder, docked before the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-cache", action="store_true", help="recompute every step (reference / benchmark)")
+    args = p.parse_args(argv)
+    from eval.inference import ModelLoadError, load_model
+
+    try:
+        g = GenerationConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                             tuple(args.stop), not args.no_cache)
+        if args.prompts:
+            if not os.path.isfile(args.prompts):
+                raise ValueError(f"--prompts: file not found: {args.prompts}")
+            prompts = [l.rstrip("\n") for l in open(args.prompts, encoding="utf-8") if l.strip()]
+        else:
+            prompts = [args.prompt]
+        model, cfg, tok, _ = load_model(args.model)
+        if args.encode and model.encoder is None:
+            raise ValueError("--encode needs a model with a text encoder (this one is a GPT baseline)")
+    except (ValueError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    passage = tok.encode(args.encode) if args.encode else []
+    t0, n_new = time.perf_counter(), 0
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        outs = generate_batch(model, tok, [tok.encode(x) for x in chunk], g, cfg.model.max_seq_length,
+                              passages=[passage] * len(chunk))
+        for prompt, o in zip(chunk, outs):
+            n_new += len(o.ids)
+            for note in o.notes:
+                print(f"warning: {note}", file=sys.stderr)
+            print(f"prompt: {prompt!r}\ncontinuation: {o.text!r}  [{len(o.ids)} tokens, stopped by {o.stopped_by}]")
+    dt = time.perf_counter() - t0
+    print(f"{n_new} tokens in {dt:.1f}s ({n_new / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

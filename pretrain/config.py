@@ -209,6 +209,13 @@ class LoggingConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops: float = 989.0  # per GPU, for MFU (H100 SXM dense bf16); MFU is reported on GPUs only
+    # in-loop zero/few-shot scoring at every eval_interval (eval.downstream): task names from data_tools.tasks,
+    # their fetched data in downstream_data, the first downstream_items items of downstream_split
+    downstream_tasks: list = field(default_factory=list)
+    downstream_shots: list = field(default_factory=lambda: [0])
+    downstream_data: str = "work/tasks"
+    downstream_items: int = 64
+    downstream_split: str = "validation"
 
 
 @dataclass

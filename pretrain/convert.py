@@ -357,6 +357,9 @@ def export_hf(model_dir: str, out: str, dtype: str = "fp32") -> str:
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
             raise ConvertError(f"export left parameters unset: {missing[:4]}")
+        # stop at the end of a sentence and at our end-of-document token (what pretraining documents end with)
+        model.generation_config.eos_token_id = [tok.ids.eos, tok.ids.eod]
+        model.generation_config.pad_token_id = tok.ids.pad
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(os.path.join(model_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:

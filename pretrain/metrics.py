@@ -80,6 +80,18 @@ class Reporter:
             line += f" | semi-causal objective {metrics['valid_sclm_loss']:.4f}"
         self.log(line)
 
+    def downstream(self, step: int, metrics: dict) -> None:
+        """metrics: down/TASK/PLACEMENT/Kshot/acc|acc_norm -> value (in-loop zero/few-shot scoring)."""
+        if not self.enabled or not metrics:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        parts = [f"{k[len('down/'):-len('/acc')]} {v:.3f}" for k, v in metrics.items() if k.endswith("/acc")]
+        self.log(f"step {step:6d} | downstream acc | " + " | ".join(parts))
+
     def close(self) -> None:
         if not self.enabled:
             return

@@ -69,6 +69,9 @@ def validate(cfg: TrainConfig, world: int) -> None:
     from pretrain.engine import deepspeed_config
 
     deepspeed_config(cfg, world // (p.tp * p.pp))  # the DeepSpeed JSON exists and agrees with the config
+    if cfg.logging.downstream_tasks and uses_pipeline(cfg):
+        raise ConfigError("logging.downstream_tasks: in-loop downstream evaluation is not available under pipeline "
+                          "parallelism (score a consolidated checkpoint with python -m eval.score instead)")
     mode = data_mode(cfg)
     if mode == "sclm" and m.encoder is None:
         raise ConfigError("data.mode=sclm needs model.encoder (a GPT baseline trains with data.mode=gpt)")
@@ -233,6 +236,13 @@ def validate_all(run) -> dict:
     return out
 
 
+def downstream_eval(run) -> None:
+    """In-loop zero/few-shot scoring (eval.downstream), logged beside validation."""
+    if run.downstream is not None:
+        shard = run.engine.zero_optimization_stage() != 3
+        run.reporter.downstream(run.state.step, run.downstream.run(run.engine.module, shard))
+
+
 def evaluate(engine, valid_ds, cfg: TrainConfig, device) -> tuple[float, float]:
     """Token-weighted mean loss over `eval_iters` micro-batches of a validation set, and its perplexity."""
     from data_tools.datasets import MicroBatches
@@ -275,6 +285,7 @@ class Run:
     config_yaml: str
     resumed_step: int  # the step of the checkpoint resumed from (-1: none)
     device: object
+    downstream: object = None  # eval.downstream.Downstream when logging.downstream_tasks is set
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -340,8 +351,13 @@ def setup(cfg: TrainConfig) -> Run:
 
         batches = pipeline_batches(batches)
     resumed_step = int(os.path.basename(resume_from)[len("step_"):]) if resume_from else -1
+    downstream = None
+    if cfg.logging.downstream_tasks:
+        from eval.downstream import Downstream
+
+        downstream = Downstream(cfg, engine.module, tokenizer)
     return Run(cfg, engine, tokenizer, train_ds, valid_ds, batches, state, rep, ckpt_dir, config_yaml,
-               resumed_step, engine.device)
+               resumed_step, engine.device, downstream)
 
 
 def save(run: Run) -> None:
@@ -388,8 +404,10 @@ def train(cfg: TrainConfig) -> dict:
         while state.step < cfg.schedule.train_steps:
             last = timed_step(run)
             rep.step(state.step, last)
-            if every(cfg.logging.eval_interval, state.step) and run.valid_ds:
-                rep.valid(state.step, validate_all(run))
+            if every(cfg.logging.eval_interval, state.step):
+                if run.valid_ds:
+                    rep.valid(state.step, validate_all(run))
+                downstream_eval(run)
             saved = every(cfg.checkpoint.save_interval, state.step)
             if saved:
                 save(run)
@@ -404,9 +422,11 @@ def train(cfg: TrainConfig) -> dict:
         rep.close()
         raise
     result = dict(last)
-    if run.valid_ds and cfg.logging.eval_iters and not every(cfg.logging.eval_interval, state.step):
-        result.update(validate_all(run))
-        rep.valid(state.step, result)
+    if not every(cfg.logging.eval_interval, state.step):
+        if run.valid_ds and cfg.logging.eval_iters:
+            result.update(validate_all(run))
+            rep.valid(state.step, result)
+        downstream_eval(run)
     if not every(cfg.checkpoint.save_interval, state.step) and state.step > run.resumed_step:
         save(run)
     rep.close()
@@ -451,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from eval.generate import generate
 
         text = generate(result["engine"].module, result["tokenizer"], args.generate,
-                        max_new_tokens=40)
+                        max_new_tokens=40, max_seq_length=cfg.model.max_seq_length)
         if dist.get_rank() == 0:
             print(f"\nprompt: {args.generate!r}\ncontinuation: {text!r}")
     if dist.is_initialized():

@@ -71,12 +71,14 @@ class SelfAttention(nn.Module):
         self.proj = tp.RowParallelLinear(cfg.hidden, cfg.hidden, config=mp, init_method=init_normal(out_std),
                                          bias=False, input_is_parallel=True, skip_bias_add=False)
 
-    def forward(self, x_BLd, rope, mask: AttentionMask):
+    def forward(self, x_BLd, rope, mask: AttentionMask, cache: "KVCache | None" = None, layer: int = 0):
         B, L, _ = x_BLd.shape
         qkv, _ = self.qkv(x_BLd)
         q, k, v = qkv.view(B, L, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)  # [B,H,L,D]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:  # keys/values of this layer: cached ones + these L (the mask spans all of them)
+            k, v = cache.update(layer, k, v)
         o = attend(q, k, v, mask).transpose(1, 2).reshape(B, L, self.local_heads * self.head_dim)
         out, _ = self.proj(o)
         return out
@@ -111,9 +113,36 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg, init_std, out_std)
 
-    def forward(self, x_BLd, rope, mask: AttentionMask):
-        x_BLd = x_BLd + self.attn(self.attn_norm(x_BLd), rope, mask)
+    def forward(self, x_BLd, rope, mask: AttentionMask, cache: "KVCache | None" = None, layer: int = 0):
+        x_BLd = x_BLd + self.attn(self.attn_norm(x_BLd), rope, mask, cache, layer)
         return x_BLd + self.mlp(self.mlp_norm(x_BLd))
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: [layers, B, H, S_max, D] buffers, `length` filled.
+    A forward over L new positions writes them at [length, length+L) in every layer and attends over [0, length+L);
+    the caller then calls `advance(L)`. Under TP each rank caches its own heads."""
+
+    def __init__(self, layers: int, B: int, local_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (layers, B, local_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor):
+        end = self.length + k_BHLD.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions asked for, {self.max_len} allocated")
+        self.k[layer, :, :, self.length:end] = k_BHLD
+        self.v[layer, :, :, self.length:end] = v_BHLD
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
 
 
 class Stack(nn.Module):
@@ -132,10 +161,12 @@ class Stack(nn.Module):
         for layer in self.layers[:frozen_layers]:
             layer.requires_grad_(False)
 
-    def forward(self, x_BLd, position_ids_BL, mask: AttentionMask):
+    def forward(self, x_BLd, position_ids_BL, mask: AttentionMask, cache: "KVCache | None" = None):
         rope = self.rope(position_ids_BL) if self.rope is not None else None
         for i, layer in enumerate(self.layers):
-            if i < self.frozen_layers:
+            if cache is not None:  # inference with a KV cache (no autograd, no recomputation)
+                x_BLd = layer(x_BLd, rope, mask, cache, i)
+            elif i < self.frozen_layers:
                 with torch.no_grad():
                     x_BLd = layer(x_BLd, rope, mask)
             elif self.checkpoint and torch.is_grad_enabled():

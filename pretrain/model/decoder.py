@@ -45,9 +45,10 @@ class Decoder(nn.Module):
     def embed(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         return self.embedding(tokens_BT)
 
-    def forward(self, x_BTd: torch.Tensor, position_ids_BT: torch.Tensor, mask) -> torch.Tensor:
-        """Decoder input embeddings (docked) -> vocab-parallel logits [B, T, V/tp]."""
-        h = self.stack(x_BTd, position_ids_BT, mask)
+    def forward(self, x_BTd: torch.Tensor, position_ids_BT: torch.Tensor, mask, cache=None) -> torch.Tensor:
+        """Decoder input embeddings (docked) -> vocab-parallel logits [B, T, V/tp]. With a `KVCache` (inference),
+        the T positions continue the cached ones and `mask` spans [B, 1, T, cached + T]."""
+        h = self.stack(x_BTd, position_ids_BT, mask, cache)
         if self.output is not None:
             logits, _ = self.output(h)
             return logits

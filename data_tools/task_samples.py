@@ -1,0 +1,182 @@
+"""Task items -> scored sequences -> batches of the batch contract (one builder; scoring uses it now, finetuning next).
+
+A sequence is `<s>` followed by pieces and a target (the answer tokens, the only ones scored):
+- placement `causal` (a GPT, or MetaLM used as one): one decoder string, lm-evaluation-harness' recipe exactly:
+  context = demonstrations joined by "\n\n" + the query's input and cue; continuation = " " + answer; trailing
+  spaces of the context move to the continuation; tokens = encode(context + continuation), the continuation being
+  what follows encode(context) (so scores equal lm-eval's on the same model).
+- placement `encoder` (MetaLM, the paper's in-context protocol, METHOD.md §7): the task input of the query and of
+  each demonstration is its own encoder piece (its own span in the packed encoder row, docked into one decoder slot
+  per token); cues and answers are ordinary decoder tokens; examples are separated by `</s>`. Answers are never
+  encoded.
+Truncation: an encoder piece longer than the encoder limit, or a sequence longer than the decoder limit, loses
+tokens from the left (never `<s>`, never the target); the sequence records how many, the report counts it.
+
+`collate_sequences` pads on the right (causal attention: padding at the end changes nothing before it), packs the
+encoder pieces of each row with positions restarting per piece, and flattens the dock pairs exactly as pretraining
+does (padding pairs go to the scratch slot B*T).
+
+Legend: B rows, T decoder length, Te encoder row length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data_tools.tasks import Task
+
+PLACEMENTS = ("causal", "encoder")
+CAUSAL_FEWSHOT_DELIMITER = "\n\n"  # GPT-3 / lm-eval
+TARGET_DELIMITER = " "  # lm-eval's default between context and answer
+EOS_MARKER = "</s>"
+
+
+@dataclass
+class Sequence:
+    pieces: list[tuple[str, list[int]]]  # ("dec" | "enc", ids) after <s>; an enc piece fills one slot per id
+    target: list[int]  # answer ids, scored
+    truncated: int = 0  # tokens cut from the left
+    meta: dict = field(default_factory=dict)  # (item index, choice index, ...) for the caller
+
+    def length(self) -> int:
+        return 1 + sum(len(p) for _, p in self.pieces) + len(self.target)
+
+
+def encode(tok, text: str) -> list[int]:
+    """Text -> ids, with `</s>` written in a template standing for the end-of-sentence token itself."""
+    parts = text.split(EOS_MARKER)
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if i:
+            ids.append(tok.ids.eos)
+        if part.strip():
+            ids.extend(tok.encode(part.strip()))
+    return ids
+
+
+def split_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness' `_encode_pair` for causal models."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        continuation, context = context[-n:] + continuation, context[:-n]
+    whole = encode(tok, context + continuation) if EOS_MARKER in context else tok.encode(context + continuation)
+    ctx = encode(tok, context) if EOS_MARKER in context else tok.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def causal_context(task: Task, item: dict, demos: list[dict]) -> str:
+    def one(it):
+        return f"{task.render(it)} {task.cue}".strip() if task.cue else task.render(it).strip()
+
+    shots = [f"{one(d)}{TARGET_DELIMITER}{task.choices(d)[d['label']]}" for d in demos]
+    return CAUSAL_FEWSHOT_DELIMITER.join(shots + [one(item)])
+
+
+def build_sequences(task: Task, item: dict, demos: list[dict], placement: str, tok, dec_limit: int,
+                    enc_limit: int) -> list[Sequence]:
+    """One sequence per answer choice of `item`, with `demos` (labelled items) as in-context examples."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    seqs = []
+    if placement == "causal":
+        ctx = causal_context(task, item, demos)
+        for c, answer in enumerate(task.choices(item)):
+            ctx_ids, target = split_pair(tok, ctx, TARGET_DELIMITER + answer)
+            seqs.append(Sequence([("dec", ctx_ids)], target, meta={"choice": c}))
+    else:
+        pieces: list[tuple[str, list[int]]] = []
+        for d in demos:
+            pieces.append(("enc", encode(tok, task.render(d))))
+            pieces.append(("dec", (tok.encode(task.cue) if task.cue else [])
+                           + tok.encode(task.choices(d)[d["label"]]) + [tok.ids.eos]))
+        pieces.append(("enc", encode(tok, task.render(item))))
+        if task.cue:
+            pieces.append(("dec", tok.encode(task.cue)))
+        for c, answer in enumerate(task.choices(item)):
+            seqs.append(Sequence([(k, list(v)) for k, v in pieces], tok.encode(answer), meta={"choice": c}))
+    for s in seqs:
+        truncate(s, dec_limit, enc_limit)
+    return seqs
+
+
+def truncate(seq: Sequence, dec_limit: int, enc_limit: int) -> None:
+    """Cut from the left: each encoder piece to enc_limit, then the whole to dec_limit decoder input tokens."""
+    cut = 0
+    for i, (kind, ids) in enumerate(seq.pieces):
+        if kind == "enc" and len(ids) > enc_limit:
+            cut += len(ids) - enc_limit
+            seq.pieces[i] = (kind, ids[len(ids) - enc_limit:])
+    over = seq.length() - 1 - dec_limit  # decoder inputs = all tokens but the last target
+    if over > 0 and over >= seq.length() - 1 - len(seq.target):
+        raise ValueError(f"the answer alone ({len(seq.target)} tokens) does not fit the decoder limit {dec_limit}")
+    i = 0
+    while over > 0:
+        kind, ids = seq.pieces[i]
+        drop = min(over, len(ids))
+        seq.pieces[i] = (kind, ids[drop:])
+        over -= drop
+        cut += drop
+        i += 1
+    seq.pieces = [(k, ids) for k, ids in seq.pieces if ids]
+    seq.truncated = cut
+
+
+def collate_sequences(seqs: list[Sequence], bos: int, pad: int, with_encoder: bool):
+    """Batch contract tensors + where each row's target sits: (batch, target_start [B], target_len [B]).
+    `with_encoder=False` (causal placement) fills encoder pieces into the decoder as ordinary tokens."""
+    import torch
+
+    B = len(seqs)
+    T = max(s.length() - 1 for s in seqs)
+    rows_enc = [[ids for k, ids in s.pieces if k == "enc"] if with_encoder else [] for s in seqs]
+    Te = max([sum(len(p) for p in r) for r in rows_enc] + [0])
+    tokens = np.full((B, T), pad, dtype=np.int64)
+    labels = np.zeros((B, T), dtype=np.int64)
+    loss_mask = np.zeros((B, T), dtype=np.float32)
+    enc_tokens = np.full((B, Te), pad, dtype=np.int64)
+    enc_positions = np.zeros((B, Te), dtype=np.int64)
+    enc_segments = np.full((B, Te), -1, dtype=np.int32)
+    dock_dst = np.full((B, Te), B * T, dtype=np.int64)
+    start = np.zeros(B, dtype=np.int64)
+    n_target = np.zeros(B, dtype=np.int64)
+    for b, s in enumerate(seqs):
+        full = [bos]
+        j = 0
+        for seg, (kind, ids) in enumerate(s.pieces):
+            if kind == "enc" and with_encoder:
+                m = len(ids)
+                enc_tokens[b, j:j + m] = ids
+                enc_positions[b, j:j + m] = np.arange(m)
+                enc_segments[b, j:j + m] = seg
+                dock_dst[b, j:j + m] = b * T + len(full) + np.arange(m)
+                j += m
+            full.extend(ids)
+        start[b] = len(full) - 1
+        n_target[b] = len(s.target)
+        full.extend(s.target)
+        n = len(full) - 1
+        tokens[b, :n] = full[:-1]
+        labels[b, :n] = full[1:]
+        loss_mask[b, start[b]:n] = 1.0
+    batch = {
+        "tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy(loss_mask),
+        "position_ids": torch.arange(T, dtype=torch.int64).expand(B, T).contiguous(),
+        "document_ids": torch.zeros(B, T, dtype=torch.int32),
+        "enc_tokens": torch.from_numpy(enc_tokens), "enc_positions": torch.from_numpy(enc_positions),
+        "enc_segments": torch.from_numpy(enc_segments),
+        "dock_src": torch.arange(B * Te, dtype=torch.int64), "dock_dst": torch.from_numpy(dock_dst.reshape(-1)),
+    }
+    return batch, start, n_target
+
+
+def sample_demos(pool: list[dict], k: int, rng: np.random.Generator, exclude_id: str | None = None) -> list[dict]:
+    """k labelled demonstrations drawn without replacement from the train split (never the query itself)."""
+    if k == 0:
+        return []
+    cand = [i for i in range(len(pool)) if pool[i].get("id") != exclude_id] if exclude_id is not None else \
+        list(range(len(pool)))
+    if len(cand) < k:
+        raise ValueError(f"{k} demonstrations asked for, the train split has {len(cand)} items")
+    return [pool[i] for i in rng.choice(cand, size=k, replace=False)]

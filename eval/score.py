@@ -1,0 +1,206 @@
+"""Zero/few-shot scoring of labelled tasks by the log-likelihood of each verbalised answer.
+
+    python -m eval.score --model exported/metalm --data work/tasks --tasks spam,polarity --shots 0,1,4 \
+        --placement causal,encoder --seeds 3 --out results/
+
+- Classification and multiple choice alike: every answer choice is scored by the summed log-probability of its
+  tokens after the prompt; `acc` = the argmax is the label, `acc_norm` = the argmax of the log-likelihood divided
+  by the answer's length in characters (lm-evaluation-harness' definitions).
+- Placements (data_tools/task_samples.py): `causal` (everything in the decoder, exactly like a GPT; the only
+  placement for the GPT baseline) and `encoder` (MetaLM: each task input, demonstrations' included, through the
+  text encoder as its own span, docked into its decoder slots; answers are decoder tokens; `</s>` between examples).
+- Demonstrations: `k` items of the train split per query, drawn with numpy's generator seeded by (seed, item
+  index); seeds 0..S-1. A 0-shot setting has no randomness and is scored once.
+- Inputs longer than the encoder limit (`--max-encoder-length`, default the model's max_seq_length) or the decoder's
+  (`max_seq_length`) are truncated from the left; the report counts truncated sequences and tokens.
+- `--model` is a consolidated directory or a run / checkpoint directory of pretrain.train.
+Writes OUT/NAME.json (one record per task x placement x shots x seed: model, step, n, metrics, truncations, chance
+and majority-class rates) and OUT/NAME.md; `python -m eval.report OUT/*.json` compares models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from data_tools.task_samples import PLACEMENTS, build_sequences, collate_sequences, sample_demos
+from data_tools.tasks import Task, get_task, load_split
+
+
+@dataclass
+class TaskScores:
+    lls: list[list[float]]  # per item, per choice
+    labels: list[int]
+    choice_chars: list[list[int]]
+    truncated_sequences: int
+    truncated_tokens: int
+
+    def metrics(self) -> dict:
+        acc = [int(np.argmax(l) == y) for l, y in zip(self.lls, self.labels)]
+        acc_norm = [int(np.argmax(np.array(l) / np.array(c, dtype=float)) == y)
+                    for l, c, y in zip(self.lls, self.choice_chars, self.labels)]
+        n = len(self.labels)
+        counts = np.bincount(self.labels) if n else np.zeros(1)
+        return {"acc": float(np.mean(acc)) if n else float("nan"),
+                "acc_norm": float(np.mean(acc_norm)) if n else float("nan"),
+                "chance": float(np.mean([1.0 / len(l) for l in self.lls])) if n else float("nan"),
+                "majority": float(counts.max() / n) if n else float("nan")}
+
+
+def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], placement: str, shots: int, seed: int,
+                dec_limit: int, enc_limit: int, batch_size: int = 16, progress=None) -> TaskScores:
+    """Log-likelihood of every choice of every item. Collective under TP (every rank passes the same items)."""
+    from eval.inference import target_logprobs
+
+    if placement == "encoder" and getattr(model, "encoder", None) is None:
+        raise ValueError("placement 'encoder' needs a model with a text encoder (this one is a GPT baseline: use "
+                         "--placement causal)")
+    seqs = []
+    for i, item in enumerate(items):
+        demos = sample_demos(pool, shots, np.random.default_rng([seed, i]), exclude_id=item.get("id"))
+        for s in build_sequences(task, item, demos, placement, tok, dec_limit, enc_limit):
+            s.meta["item"] = i
+            seqs.append(s)
+    lls = [[0.0] * len(task.choices(it)) for it in items]
+    order = sorted(range(len(seqs)), key=lambda j: -seqs[j].length())  # similar lengths share a batch
+    for start in range(0, len(order), batch_size):
+        chunk = [seqs[j] for j in order[start:start + batch_size]]
+        batch, first, n_target = collate_sequences(chunk, tok.ids.bos, tok.ids.pad, placement == "encoder")
+        lp = target_logprobs(model, batch).double().cpu()
+        for r, s in enumerate(chunk):
+            lls[s.meta["item"]][s.meta["choice"]] = lp[r, first[r]:first[r] + n_target[r]].sum().item()
+        if progress is not None:
+            progress.update(len(chunk))
+    return TaskScores(lls=lls, labels=[it["label"] for it in items],
+                      choice_chars=[[max(1, len(c)) for c in task.choices(it)] for it in items],
+                      truncated_sequences=sum(1 for s in seqs if s.truncated),
+                      truncated_tokens=sum(s.truncated for s in seqs))
+
+
+def limits(cfg, max_encoder_length: int | None = None) -> tuple[int, int]:
+    dec = cfg.model.max_seq_length
+    return dec, min(max_encoder_length or dec, dec)
+
+
+def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequence[int], placements: Sequence[str],
+             seeds: int, split: str = "test", limit: int | None = None, batch_size: int = 16,
+             max_encoder_length: int | None = None, log=print, meta: dict | None = None) -> list[dict]:
+    """One record per task x placement x shots x seed."""
+    from tqdm import tqdm
+
+    dec_limit, enc_limit = limits(cfg, max_encoder_length)
+    records = []
+    for name in tasks:
+        task = get_task(name)
+        items = load_split(data_dir, name, split)[:limit]
+        pool = load_split(data_dir, name, "train") if max(shots) > 0 else []
+        for placement in placements:
+            for k in shots:
+                for seed in (range(seeds) if k > 0 else [0]):
+                    t0 = time.perf_counter()
+                    n_seq = sum(len(task.choices(it)) for it in items)
+                    with tqdm(total=n_seq, desc=f"{name} {placement} {k}-shot seed {seed}", leave=False,
+                              disable=not sys.stderr.isatty()) as bar:
+                        sc = score_items(model, tok, task, items, pool, placement, k, seed, dec_limit, enc_limit,
+                                         batch_size, progress=bar)
+                    m = sc.metrics()
+                    rec = {**(meta or {}), "task": name, "split": split, "placement": placement, "shots": k,
+                           "seed": seed, "n": len(items), "metrics": {x: m[x] for x in ("acc", "acc_norm")},
+                           "chance": m["chance"], "majority": m["majority"],
+                           "truncated_sequences": sc.truncated_sequences, "truncated_tokens": sc.truncated_tokens,
+                           "seconds": round(time.perf_counter() - t0, 2)}
+                    records.append(rec)
+                    log(f"{name:22s} {placement:8s} {k}-shot seed {seed}: acc {m['acc']:.3f} acc_norm "
+                        f"{m['acc_norm']:.3f} (n={len(items)}, chance {m['chance']:.2f}, majority "
+                        f"{m['majority']:.2f}, truncated {sc.truncated_sequences}) {rec['seconds']:.1f}s")
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| model | step | task | placement | shots | seed | n | acc | acc_norm | majority | truncated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r.get('model', '')} | {r.get('step', '')} | {r['task']} | {r['placement']} | {r['shots']} "
+                     f"| {r['seed']} | {r['n']} | {r['metrics']['acc']:.3f} | {r['metrics']['acc_norm']:.3f} "
+                     f"| {r['majority']:.3f} | {r['truncated_sequences']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(records: list[dict], out_dir: str, name: str) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = (os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md"))
+    for path, text in zip(paths, (json.dumps({"records": records}, indent=1), markdown(records))):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return paths
+
+
+def model_name(path: str) -> str:
+    path = os.path.abspath(path.rstrip("/"))
+    base = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if base == "checkpoints" or base.startswith("step_") else base
+
+
+def int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="consolidated directory, or run / checkpoint directory")
+    p.add_argument("--data", default="work/tasks", help="task data directory (python -m data_tools.tasks fetch)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (python -m data_tools.tasks list)")
+    p.add_argument("--shots", type=int_list, default=[0], help="comma-separated, e.g. 0,1,4")
+    p.add_argument("--placement", default="causal", help="causal, encoder, or both comma-separated")
+    p.add_argument("--seeds", type=int, default=1, help="demonstration samples per few-shot setting")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--limit", type=int, help="score only the first N items of the split")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-encoder-length", type=int, help="encoder piece limit (default: model max_seq_length)")
+    p.add_argument("--name", help="model name in the report (default: from the path)")
+    p.add_argument("--out", help="directory for NAME.json and NAME.md")
+    args = p.parse_args(argv)
+    from data_tools.cli import UserError
+    from eval.inference import ModelLoadError, load_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        placements = [x.strip() for x in args.placement.split(",") if x.strip()]
+        bad = [x for x in placements if x not in PLACEMENTS]
+        if bad:
+            raise ValueError(f"--placement: {bad[0]!r} is not one of {', '.join(PLACEMENTS)}")
+        if any(k < 0 for k in args.shots):
+            raise ValueError("--shots: must be >= 0")
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        for t in tasks:
+            get_task(t)
+        model, cfg, tok, info = load_model(args.model)
+        name = args.name or model_name(args.model)
+        meta = {"model": name, "model_path": os.path.abspath(args.model), "step": info.get("step"),
+                "encoder": cfg.model.encoder is not None}
+        records = evaluate(model, cfg, tok, args.data, tasks, args.shots, placements, args.seeds, args.split,
+                           args.limit, args.batch_size, args.max_encoder_length, meta=meta)
+    except (UserError, ModelLoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(records))
+    if args.out:
+        for path in write_report(records, args.out, name):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
