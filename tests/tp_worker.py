@@ -54,3 +54,39 @@ def run(rank: int, world: int, tp: int, port: int, out: str, cfg_kw: dict):
         torch.save({"loss": loss.detach(), "params": params, "grads": grads}, out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_eval(rank: int, world: int, port: int, out_dir: str, tok_model: str, items: list):
+    """Score polarity items (both placements) and generate (greedy and sampled, with an encoded passage) at TP=world;
+    every rank saves what it got."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from pretrain.parallel import init_distributed, init_model_parallel
+
+    init_distributed("gloo")
+    init_model_parallel(tp=world, pp=1, seed=1)
+    from data_tools.tasks import get_task
+    from data_tools.tokenizer import Tokenizer
+    from eval.generate import GenerationConfig, generate_batch
+    from eval.score import score_items
+    from pretrain.config import ModelConfig, StackConfig
+    from pretrain.model.metalm import MetaLM
+
+    tok = Tokenizer(tok_model)
+    torch.manual_seed(0)
+    model = MetaLM(ModelConfig(vocab_size=1000, max_seq_length=256, decoder=StackConfig(2, 64, 4, ffn_hidden=128),
+                               encoder=StackConfig(2, 32, 2, ffn_hidden=64))).eval()
+    task = get_task("polarity")
+    lls = [score_items(model, tok, task, items, items, p, k, 0, 256, 64, batch_size=3).lls
+           for p in ("causal", "encoder") for k in (0, 1)]
+    prompts = [tok.encode("Call me Ishmael."), tok.encode("The whale")]
+    passage = [tok.encode("Some years ago, never mind how long.")] * 2
+    gen = [o.ids for o in generate_batch(model, tok, prompts, GenerationConfig(12), 256, passages=passage,
+                                         stop_ids=())]
+    sampled = [o.ids for o in generate_batch(model, tok, prompts, GenerationConfig(12, temperature=1.0, seed=5), 256,
+                                             stop_ids=())]
+    torch.save({"lls": np.array(lls), "gen": gen, "sampled": sampled},
+               os.path.join(out_dir, f"eval_tp{world}_rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

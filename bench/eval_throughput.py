@@ -1,0 +1,142 @@
+"""Evaluation speed, side by side in one run on the same model:
+1. scoring: items/s of our scorer (`eval.score`, causal placement) vs lm-evaluation-harness (`hf` backend on the
+   Hugging Face export) on the same local task items, 0-shot; the per-choice log-likelihoods are checked equal;
+2. generation: new tokens/s with and without the KV cache (and transformers' `generate` on the export), greedy,
+   `--new-tokens` (256) after a short prompt.
+
+    python -m bench.eval_throughput [--model exported/metalm] [--task polarity] [--items 100] [--new-tokens 256]
+
+Without --model a `tiny-cpu` MetaLM with random weights is built (speed does not depend on the weights) with the
+benchmark tokenizer (bench/common.py). Timings exclude model loading for every row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def build_model_dir(work: str) -> str:
+    from bench.common import corpora_and_tokenizer
+    from pretrain.config import TrainConfig
+    from pretrain.convert import write_consolidated
+    from pretrain.model.metalm import MetaLM
+    from pretrain.parallel import init_distributed, init_model_parallel
+
+    _, spm = corpora_and_tokenizer(work)
+    out = os.path.join(work, "eval-bench-model")
+    if os.path.isfile(os.path.join(out, "metalm.json")):
+        return out
+    init_distributed("gloo")
+    init_model_parallel(1, 1)
+    cfg = TrainConfig()
+    cfg.data.tokenizer_model = spm
+    torch.manual_seed(0)
+    sd = {k: v for k, v in MetaLM(cfg.model).state_dict().items() if isinstance(v, torch.Tensor)}
+    return write_consolidated(out, cfg, sd, spm, {"step": 0})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.eval_throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="consolidated directory (default: a random tiny-cpu MetaLM)")
+    p.add_argument("--work", default="work/bench")
+    p.add_argument("--task", default="polarity")
+    p.add_argument("--split", default="train")
+    p.add_argument("--items", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--gen-batch", type=int, default=1)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    torch.set_num_threads(os.cpu_count() or 1)
+    from data_tools.task_samples import causal_context
+    from data_tools.tasks import fetch, get_task, load_split
+    from eval.generate import GenerationConfig, generate_batch
+    from eval.inference import load_model
+    from eval.lm_eval_bridge import make_task
+    from eval.score import score_items
+    from pretrain.convert import export_hf
+
+    model_dir = args.model or build_model_dir(args.work)
+    model, cfg, tok, _ = load_model(model_dir)
+    task = get_task(args.task)
+    fetch(args.task, os.path.join(args.work, "tasks"), log=lambda *a: None)
+    items = load_split(os.path.join(args.work, "tasks"), args.task, args.split)[:args.items]
+    n_req = sum(len(task.choices(it)) for it in items)
+    L = cfg.model.max_seq_length
+    rows = []
+    # ---- scoring: ours
+    score_items(model, tok, task, items[:4], [], "causal", 0, 0, L, L, args.batch_size)  # warm-up
+    t0 = time.perf_counter()
+    ours = score_items(model, tok, task, items, [], "causal", 0, 0, L, L, args.batch_size)
+    t_ours = time.perf_counter() - t0
+    rows.append(("scoring", "ours (eval.score, causal)", len(items) / t_ours, "items/s"))
+    # ---- scoring: lm-evaluation-harness on the HF export
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = export_hf(model_dir, os.path.join(tmp, "hf"))
+        data = os.path.join(tmp, "items.jsonl")
+        with open(data, "w") as f:
+            for it in items:
+                f.write(json.dumps({"context": causal_context(task, it, []), "choices": task.choices(it),
+                                    "label": it["label"]}) + "\n")
+        make_task("bench_task", data, os.path.join(tmp, "tasks"))
+        lm = HFLM(pretrained=hf_dir, dtype="float32", batch_size=args.batch_size, device="cpu")
+        t0 = time.perf_counter()
+        res = lm_eval.simple_evaluate(model=lm, tasks=["bench_task"], log_samples=True,
+                                      task_manager=TaskManager(include_path=os.path.join(tmp, "tasks")))
+        t_lm = time.perf_counter() - t0
+        samples = sorted(res["samples"]["bench_task"], key=lambda s: s["doc_id"])
+        diff = max(abs(a - r[0][0]) for s, ll in zip(samples, ours.lls) for a, r in zip(ll, s["resps"]))
+        rows.append(("scoring", "lm-evaluation-harness (hf)", len(items) / t_lm, "items/s"))
+        # ---- generation
+        text = "Call me Ishmael. Some years ago, never mind how long precisely, having little money"
+        prompts = [tok.encode(text)] * args.gen_batch
+        gen = {}
+        for cache in (True, False):
+            g = GenerationConfig(args.new_tokens, use_cache=cache)
+            generate_batch(model, tok, prompts, GenerationConfig(4, use_cache=cache), L, stop_ids=())
+            t0 = time.perf_counter()
+            out = generate_batch(model, tok, prompts, g, L, stop_ids=())
+            dt = time.perf_counter() - t0
+            gen[cache] = out
+            rows.append(("generation", f"ours, {'KV cache' if cache else 'no cache (recompute)'}",
+                         sum(len(o.ids) for o in out) / dt, "new tokens/s"))
+        from transformers import LlamaForCausalLM
+
+        hf = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+        ids = torch.tensor([[tok.ids.bos] + p for p in prompts])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf_out = hf.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                                 pad_token_id=tok.ids.pad)
+        dt = time.perf_counter() - t0
+        rows.append(("generation", "transformers generate (KV cache)", hf_out[:, ids.shape[1]:].numel() / dt,
+                     "new tokens/s"))
+    same = all(a.ids == b.ids for a, b in zip(gen[True], gen[False]))
+    hf_same = gen[True][0].ids == hf_out[0, ids.shape[1]:].tolist()
+    print(f"model {model_dir} ({cfg.model.param_count()['total'] / 1e6:.1f}M parameters), task {args.task} "
+          f"{args.split}: {len(items)} items / {n_req} requests; generation: batch {args.gen_batch}, "
+          f"{args.new_tokens} new tokens; {torch.get_num_threads()} threads\n")
+    print(f"| what | row | speed | unit | vs baseline |\n|---|---|---|---|---|")
+    base = {"scoring": rows[1][2], "generation": rows[3][2]}
+    for what, name, speed, unit in rows:
+        print(f"| {what} | {name} | {speed:,.1f} | {unit} | {speed / base[what]:.2f}x |")
+    print(f"\nmax |ours - lm-eval| per-choice log-likelihood: {diff:.2e}; cached == uncached tokens: {same}; "
+          f"== transformers: {hf_same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
