@@ -1,6 +1,7 @@
 """Evaluation speed, side by side in one run on the same model:
 1. scoring: items/s of our scorer (`eval.score`, causal placement) vs lm-evaluation-harness (`hf` backend on the
-   Hugging Face export) on the same local task items, 0-shot; the per-choice log-likelihoods are checked equal;
+   Hugging Face export) on the same local task items, 0-shot, end to end and its model call alone (the baseline
+   of the ratio); the per-choice log-likelihoods are checked equal;
 2. generation: new tokens/s with and without the KV cache (and transformers' `generate` on the export), greedy,
    `--new-tokens` (256) after a short prompt.
 
@@ -99,7 +100,18 @@ def main(argv=None) -> int:
         t_lm = time.perf_counter() - t0
         samples = sorted(res["samples"]["bench_task"], key=lambda s: s["doc_id"])
         diff = max(abs(a - r[0][0]) for s, ll in zip(samples, ours.lls) for a, r in zip(ll, s["resps"]))
-        rows.append(("scoring", "lm-evaluation-harness (hf)", len(items) / t_lm, "items/s"))
+        rows.append(("scoring", "lm-evaluation-harness (hf), simple_evaluate end to end", len(items) / t_lm,
+                     "items/s"))
+        # lm-eval's model call alone (its batching, length sorting, and one forward per context when every
+        # continuation is a single token), without task and dataset set-up
+        from lm_eval.api.instance import Instance
+
+        reqs = [Instance("loglikelihood", doc={}, arguments=(causal_context(task, it, []), " " + c), idx=j)
+                for it in items for j, c in enumerate(task.choices(it))]
+        t0 = time.perf_counter()
+        lm.loglikelihood(reqs)
+        t_core = time.perf_counter() - t0
+        rows.append(("scoring", "lm-evaluation-harness (hf), loglikelihood() only", len(items) / t_core, "items/s"))
         # ---- generation
         text = "Call me Ishmael. Some years ago, never mind how long precisely, having little money"
         prompts = [tok.encode(text)] * args.gen_batch
@@ -130,7 +142,7 @@ def main(argv=None) -> int:
           f"{args.split}: {len(items)} items / {n_req} requests; generation: batch {args.gen_batch}, "
           f"{args.new_tokens} new tokens; {torch.get_num_threads()} threads\n")
     print(f"| what | row | speed | unit | vs baseline |\n|---|---|---|---|---|")
-    base = {"scoring": rows[1][2], "generation": rows[3][2]}
+    base = {"scoring": rows[2][2], "generation": rows[4][2]}
     for what, name, speed, unit in rows:
         print(f"| {what} | {name} | {speed:,.1f} | {unit} | {speed / base[what]:.2f}x |")
     print(f"\nmax |ours - lm-eval| per-choice log-likelihood: {diff:.2e}; cached == uncached tokens: {same}; "

@@ -126,53 +126,101 @@ def truncate(seq: Sequence, dec_limit: int, enc_limit: int, target_room: int | N
     seq.truncated = cut
 
 
-def collate_sequences(seqs: list[Sequence], bos: int, pad: int, with_encoder: bool):
-    """Batch contract tensors + where each row's target sits: (batch, target_start [B], target_len [B]).
-    `with_encoder=False` (causal placement) fills encoder pieces into the decoder as ordinary tokens."""
+def _pack_encoder(rows_pieces: list[list[tuple[str, list[int]]]], T: int, pad: int, with_encoder: bool):
+    """Encoder rows of the batch contract for rows whose pieces start right after <s> at decoder slot 1:
+    (row tokens [B, T] filled with the pieces, enc_tokens, enc_positions, enc_segments, dock_dst [B, Te])."""
+    B = len(rows_pieces)
+    Te = max([sum(len(ids) for k, ids in r if k == "enc") for r in rows_pieces] + [0]) if with_encoder else 0
+    enc = {"enc_tokens": np.full((B, Te), pad, dtype=np.int64), "enc_positions": np.zeros((B, Te), dtype=np.int64),
+           "enc_segments": np.full((B, Te), -1, dtype=np.int32)}
+    dock_dst = np.full((B, Te), B * T, dtype=np.int64)
+    prompts = []
+    for b, pieces in enumerate(rows_pieces):
+        full, j = [], 0
+        for seg, (kind, ids) in enumerate(pieces):
+            if kind == "enc" and with_encoder:
+                m = len(ids)
+                enc["enc_tokens"][b, j:j + m] = ids
+                enc["enc_positions"][b, j:j + m] = np.arange(m)
+                enc["enc_segments"][b, j:j + m] = seg
+                dock_dst[b, j:j + m] = b * T + 1 + len(full) + np.arange(m)
+                j += m
+            full.extend(ids)
+        prompts.append(full)
+    return prompts, enc, dock_dst
+
+
+def _as_batch(tokens, positions, enc, dock_dst, extra=None):
     import torch
 
+    B, T = tokens.shape
+    batch = {"tokens": torch.from_numpy(tokens), "position_ids": torch.from_numpy(positions),
+             "document_ids": torch.zeros(B, T, dtype=torch.int32),
+             **{k: torch.from_numpy(v) for k, v in enc.items()},
+             "dock_src": torch.arange(dock_dst.size, dtype=torch.int64),
+             "dock_dst": torch.from_numpy(dock_dst.reshape(-1))}
+    batch.update({k: torch.from_numpy(v) for k, v in (extra or {}).items()})
+    return batch
+
+
+def collate_sequences(seqs: list[Sequence], bos: int, pad: int, with_encoder: bool):
+    """Batch contract tensors (labels and loss_mask on the targets) + where each row's target sits:
+    (batch, target_start [B], target_len [B]). `with_encoder=False` (causal placement) fills encoder pieces into
+    the decoder as ordinary tokens."""
     B = len(seqs)
     T = max(s.length() - 1 for s in seqs)
-    rows_enc = [[ids for k, ids in s.pieces if k == "enc"] if with_encoder else [] for s in seqs]
-    Te = max([sum(len(p) for p in r) for r in rows_enc] + [0])
+    prompts, enc, dock_dst = _pack_encoder([s.pieces for s in seqs], T, pad, with_encoder)
     tokens = np.full((B, T), pad, dtype=np.int64)
     labels = np.zeros((B, T), dtype=np.int64)
     loss_mask = np.zeros((B, T), dtype=np.float32)
-    enc_tokens = np.full((B, Te), pad, dtype=np.int64)
-    enc_positions = np.zeros((B, Te), dtype=np.int64)
-    enc_segments = np.full((B, Te), -1, dtype=np.int32)
-    dock_dst = np.full((B, Te), B * T, dtype=np.int64)
     start = np.zeros(B, dtype=np.int64)
     n_target = np.zeros(B, dtype=np.int64)
-    for b, s in enumerate(seqs):
-        full = [bos]
-        j = 0
-        for seg, (kind, ids) in enumerate(s.pieces):
-            if kind == "enc" and with_encoder:
-                m = len(ids)
-                enc_tokens[b, j:j + m] = ids
-                enc_positions[b, j:j + m] = np.arange(m)
-                enc_segments[b, j:j + m] = seg
-                dock_dst[b, j:j + m] = b * T + len(full) + np.arange(m)
-                j += m
-            full.extend(ids)
-        start[b] = len(full) - 1
-        n_target[b] = len(s.target)
-        full.extend(s.target)
+    for b, (s, prompt) in enumerate(zip(seqs, prompts)):
+        full = [bos] + prompt + s.target
         n = len(full) - 1
-        tokens[b, :n] = full[:-1]
-        labels[b, :n] = full[1:]
+        start[b], n_target[b] = len(prompt), len(s.target)
+        tokens[b, :n], labels[b, :n] = full[:-1], full[1:]
         loss_mask[b, start[b]:n] = 1.0
-    batch = {
-        "tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-        "loss_mask": torch.from_numpy(loss_mask),
-        "position_ids": torch.arange(T, dtype=torch.int64).expand(B, T).contiguous(),
-        "document_ids": torch.zeros(B, T, dtype=torch.int32),
-        "enc_tokens": torch.from_numpy(enc_tokens), "enc_positions": torch.from_numpy(enc_positions),
-        "enc_segments": torch.from_numpy(enc_segments),
-        "dock_src": torch.arange(B * Te, dtype=torch.int64), "dock_dst": torch.from_numpy(dock_dst.reshape(-1)),
-    }
-    return batch, start, n_target
+    positions = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+    return (_as_batch(tokens, positions, enc, dock_dst, {"labels": labels, "loss_mask": loss_mask}), start,
+            n_target)
+
+
+def collate_shared(groups: list[list[Sequence]], bos: int, pad: int, with_encoder: bool):
+    """One row per group of sequences with the same pieces (the answer choices of one item): `<s>`, the shared
+    pieces, then every choice's tokens but its last, each block at the positions that follow the prompt. The
+    attention mask (pretrain.model.masks.shared_prefix over `segments`: 0 prompt, c+1 choice c, -1 padding) lets
+    a choice see the prompt and itself only, so each choice scores exactly as alone in its own row, and the
+    prompt is computed once. Returns (batch, pairs): pairs = (row, position, label, owner) arrays [N]; the
+    log-probability of `label` at (row, position) belongs to sequence `owner` (groups flattened in order)."""
+    B = len(groups)
+    lengths = [1 + sum(len(ids) for _, ids in g[0].pieces) + sum(len(s.target) - 1 for s in g) for g in groups]
+    T = max(lengths)
+    prompts, enc, dock_dst = _pack_encoder([g[0].pieces for g in groups], T, pad, with_encoder)
+    tokens = np.full((B, T), pad, dtype=np.int64)
+    positions = np.zeros((B, T), dtype=np.int64)
+    segments = np.full((B, T), -1, dtype=np.int32)
+    rows, pos, labels, owner = [], [], [], []
+    k = 0
+    for b, (g, prompt) in enumerate(zip(groups, prompts)):
+        n = 1 + len(prompt)
+        tokens[b, :n] = [bos] + prompt
+        positions[b, :n] = np.arange(n)
+        segments[b, :n] = 0
+        at = n
+        for c, s in enumerate(g):
+            m = len(s.target)
+            tokens[b, at:at + m - 1] = s.target[:-1]
+            positions[b, at:at + m - 1] = np.arange(n, n + m - 1)
+            segments[b, at:at + m - 1] = c + 1
+            rows += [b] * m
+            pos += [n - 1] + list(range(at, at + m - 1))
+            labels += s.target
+            owner += [k] * m
+            at += m - 1
+            k += 1
+    pairs = tuple(np.array(x, dtype=np.int64) for x in (rows, pos, labels, owner))
+    return _as_batch(tokens, positions, enc, dock_dst, {"segments": segments}), pairs
 
 
 def sample_demos(pool: list[dict], k: int, rng: np.random.Generator, exclude_id: str | None = None) -> list[dict]:

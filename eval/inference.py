@@ -5,6 +5,8 @@
 - `target_logprobs(model, batch)`: log p(labels) per position [B, T] from megatron-core's vocab-parallel cross
   entropy, so it works on a live TP>1 model without gathering the vocabulary (collective: every TP rank calls it
   and gets the same values).
+- `pair_logprobs(model, batch, rows, positions, labels)`: the same for answer choices packed after their shared
+  prompt (one forward per item instead of one per choice; exact: each choice sees the prompt and itself only).
 - `decode_step(model, batch, mask, cache)`: one cached forward (docking included) -> full-vocabulary logits of the
   new positions (gathered over TP ranks); `step_mask` builds its attention mask: causal over the cache, keys
   restricted to real (non-padding) tokens.
@@ -80,6 +82,22 @@ def target_logprobs(model, batch: dict) -> torch.Tensor:
         dev = model_device(model)
         batch = {k: v.to(dev) for k, v in batch.items()}
         return -token_losses(model.logits(batch), batch["labels"])
+
+
+def pair_logprobs(model, batch: dict, rows, positions, labels) -> torch.Tensor:
+    """log p(labels[i] | row rows[i] up to positions[i]) [N] for a batch from
+    `data_tools.task_samples.collate_shared` (answer choices sharing their prompt; mask from `segments`)."""
+    from pretrain.model import masks
+    from pretrain.model.metalm import token_losses
+
+    with inference_mode(model):
+        dev = model_device(model)
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        B, T = batch["tokens"].shape
+        mask = AttentionMask.build(masks.shared_prefix(batch["segments"]), B, T, None, dev, "sdpa")
+        h = model.hidden(batch, mask)  # project only the N scored positions onto the vocabulary
+        sel = model.decoder.project(h[torch.as_tensor(rows, device=dev), torch.as_tensor(positions, device=dev)])
+        return -token_losses(sel[None], torch.as_tensor(labels, device=dev)[None])[0]
 
 
 def gather_vocab(logits_BTv: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@
   text encoder as its own span, docked into its decoder slots; answers are decoder tokens; `</s>` between examples).
 - Demonstrations: `k` items of the train split per query, drawn with numpy's generator seeded by (seed, item
   index); seeds 0..S-1. A 0-shot setting has no randomness and is scored once.
+- The choices of an item share one forward pass: its prompt once, then each choice's tokens, each seeing the
+  prompt and itself only (exactly what separate rows give, without recomputing the prompt k times).
 - Inputs longer than the encoder limit (`--max-encoder-length`, default the model's max_seq_length) or the decoder's
   (`max_seq_length`) are truncated from the left; the report counts truncated sequences and tokens.
 - `--model` is a consolidated directory or a run / checkpoint directory of pretrain.train.
@@ -30,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data_tools.task_samples import PLACEMENTS, build_sequences, collate_sequences, sample_demos
+from data_tools.task_samples import PLACEMENTS, build_sequences, collate_shared, sample_demos
 from data_tools.tasks import Task, get_task, load_split
 
 
@@ -57,7 +59,7 @@ class TaskScores:
 def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], placement: str, shots: int, seed: int,
                 dec_limit: int, enc_limit: int, batch_size: int = 16, progress=None) -> TaskScores:
     """Log-likelihood of every choice of every item. Collective under TP (every rank passes the same items)."""
-    from eval.inference import target_logprobs
+    from eval.inference import pair_logprobs
 
     if placement == "encoder" and getattr(model, "encoder", None) is None:
         raise ValueError("placement 'encoder' needs a model with a text encoder (this one is a GPT baseline: use "
@@ -68,16 +70,27 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
         for s in build_sequences(task, item, demos, placement, tok, dec_limit, enc_limit):
             s.meta["item"] = i
             seqs.append(s)
+    # the choices of one item share their prompt: one row per item (collate_shared); choices whose prompts differ
+    # (left truncation cut them differently) get rows of their own
+    groups: list[list] = []
+    for s in seqs:
+        g = groups[-1] if groups else None
+        if g is not None and g[0].meta["item"] == s.meta["item"] and g[0].pieces == s.pieces:
+            g.append(s)
+        else:
+            groups.append([s])
     lls = [[0.0] * len(task.choices(it)) for it in items]
-    order = sorted(range(len(seqs)), key=lambda j: -seqs[j].length())  # similar lengths share a batch
+    order = sorted(range(len(groups)), key=lambda j: -sum(g.length() for g in groups[j]))  # similar lengths batch
     for start in range(0, len(order), batch_size):
-        chunk = [seqs[j] for j in order[start:start + batch_size]]
-        batch, first, n_target = collate_sequences(chunk, tok.ids.bos, tok.ids.pad, placement == "encoder")
-        lp = target_logprobs(model, batch).double().cpu()
-        for r, s in enumerate(chunk):
-            lls[s.meta["item"]][s.meta["choice"]] = lp[r, first[r]:first[r] + n_target[r]].sum().item()
+        chunk = [groups[j] for j in order[start:start + batch_size]]
+        batch, (rows, pos, labels, owner) = collate_shared(chunk, tok.ids.bos, tok.ids.pad, placement == "encoder")
+        lp = pair_logprobs(model, batch, rows, pos, labels).double().cpu().numpy()
+        flat = [s for g in chunk for s in g]
+        totals = np.bincount(owner, weights=lp, minlength=len(flat))
+        for s, total in zip(flat, totals):
+            lls[s.meta["item"]][s.meta["choice"]] = float(total)
         if progress is not None:
-            progress.update(len(chunk))
+            progress.update(len(flat))
     return TaskScores(lls=lls, labels=[it["label"] for it in items],
                       choice_chars=[[max(1, len(c)) for c in task.choices(it)] for it in items],
                       truncated_sequences=sum(1 for s in seqs if s.truncated),

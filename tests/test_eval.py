@@ -265,3 +265,25 @@ def test_scoring_and_generation_agree_across_tp_ranks(tmp_path, tok_model, task_
     assert np.array_equal(r0["lls"], r1["lls"]) and r0["gen"] == r1["gen"] and r0["sampled"] == r1["sampled"]
     assert r0["gen"] == ref["gen"] and r0["sampled"] == ref["sampled"]
     np.testing.assert_allclose(r0["lls"], ref["lls"], atol=1e-4)
+
+
+@pytest.mark.parametrize("placement", ["causal", "encoder"])
+def test_shared_prompt_rows_score_like_separate_rows(loaded, task_dir, placement):
+    """The scorer packs an item's choices after one prompt (masks.shared_prefix); each choice must score what it
+    scores alone in its own row (collate_sequences), multi-token answers and few-shot prompts included."""
+    from eval.inference import target_logprobs
+    from eval.score import score_items
+
+    model, cfg, tok, _ = loaded
+    task = get_task("social_iqa")
+    items = [{"id": f"q{i}", "text": t, "choices": ["Make a new plan", "Go home and see Riley", "sleep"],
+              "label": i % 3} for i, t in enumerate(["Tracy did not go home that evening.", "Riley ran fast."])]
+    got = score_items(model, tok, task, items, items, placement, 1, 0, 128, 48, batch_size=2).lls
+    for i, item in enumerate(items):
+        demos = [items[1 - i]]
+        seqs = build_sequences(task, item, demos, placement, tok, 128, 48)
+        batch, start, n = collate_sequences(seqs, tok.ids.bos, tok.ids.pad, placement == "encoder")
+        lp = target_logprobs(model, batch)
+        alone = [lp[r, start[r]:start[r] + n[r]].sum().item() for r in range(len(seqs))]
+        np.testing.assert_allclose(got[i], alone, atol=1e-4, rtol=0)
+        assert max(len(s.target) for s in seqs) > 1

@@ -48,7 +48,10 @@ class Decoder(nn.Module):
     def forward(self, x_BTd: torch.Tensor, position_ids_BT: torch.Tensor, mask, cache=None) -> torch.Tensor:
         """Decoder input embeddings (docked) -> vocab-parallel logits [B, T, V/tp]. With a `KVCache` (inference),
         the T positions continue the cached ones and `mask` spans [B, 1, T, cached + T]."""
-        h = self.stack(x_BTd, position_ids_BT, mask, cache)
+        return self.project(self.stack(x_BTd, position_ids_BT, mask, cache))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., d] -> vocab-parallel logits [..., V/tp] (tied embedding or output layer)."""
         if self.output is not None:
             logits, _ = self.output(h)
             return logits

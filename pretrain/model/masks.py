@@ -12,6 +12,8 @@ inferred from token values.
 - `block_diagonal(segments)`: encoder rows holding several packed spans: attend within the same segment only;
   padding (segment -1) attends to itself alone, so no row is empty (an empty row gives NaN in dense SDPA).
 - `prefix_lm(prefix_len)`: kv < prefix_len[b] (bidirectional prefix), or causal.
+- `shared_prefix(segments)`: answer choices packed after one shared prompt (scoring): causal, each continuation
+  sees the prompt and itself only.
 """
 from __future__ import annotations
 
@@ -59,6 +61,17 @@ def prefix_lm(prefix_len_B: torch.Tensor) -> MaskMod:
         return kv_idx < prefix_len_B[b]
 
     return or_masks(causal, prefix_mask)
+
+
+def shared_prefix(segments_BL: torch.Tensor) -> MaskMod:
+    """Several continuations of one prompt in one row (scoring answer choices): segment 0 is the shared prompt,
+    segment c > 0 continuation c, -1 padding. Causal; a continuation sees the prompt and itself, never another
+    continuation; padding sees itself alone (no empty row)."""
+    def shared_prefix_mask(b, h, q_idx, kv_idx):
+        s_q, s_kv = segments_BL[b, q_idx], segments_BL[b, kv_idx]
+        return ((q_idx >= kv_idx) & (s_kv >= 0) & ((s_kv == 0) | (s_q == s_kv))) | (q_idx == kv_idx)
+
+    return shared_prefix_mask
 
 
 def full(b, h, q_idx, kv_idx):
