@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="work/demo")
-    p.add_argument("--tasks", default="polarity,spam")
+    p.add_argument("--tasks", default="polarity,spam,social_iqa")
     p.add_argument("--shots", default="0,4")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--items", type=int, default=100, help="test items per task")
@@ -77,19 +77,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             docked = generate_batch(model, tok, [tok.encode("In short,")], GenerationConfig(30),
                                     cfg.model.max_seq_length, passages=[tok.encode(PASSAGE)])[0]
             print(f"generation with a passage through the encoder: [{PASSAGE!r}] 'In short,' -> {docked.text!r}")
-        best = max(records, key=lambda r: r["metrics"]["acc"] - r["majority"])
-        summary.append((name, info.get("step"), ppl, records, best))
+        scored = [(r["metrics"][m] - r["majority"], m, r) for r in records for m in r["metrics"]]
+        summary.append((name, info.get("step"), ppl, records, max(scored, key=lambda x: x[0])))
     rows = report.summarise(report.load_records(sorted(glob.glob(os.path.join(results, "*.json")))))
     print("\n== report (mean ± sd over seeds; 0-shot has no randomness)")
     print(report.markdown(rows))
     report.plot(rows, os.path.join(results, "summary.png"))
     print(f"wrote {results}/*.json, *.md and summary.png")
     print(f"\n== summary ({time.perf_counter() - t_start:.0f}s)")
-    for name, step, ppl, records, best in summary:
-        above = [r for r in records if r["metrics"]["acc"] > r["majority"]]
+    for name, step, ppl, records, (margin, metric, r) in summary:
+        above = [r for r in records if max(r["metrics"].values()) > r["majority"]]
         print(f"- {name} @ step {step}: held-out perplexity {ppl:.1f}; {len(records)} task settings scored, "
-              f"{len(above)} above the majority-class rate; best margin: {best['task']} {best['placement']} "
-              f"{best['shots']}-shot acc {best['metrics']['acc']:.3f} vs majority {best['majority']:.3f}")
+              f"{len(above)} above the majority-class rate in some metric; best: {r['task']} {r['placement']} "
+              f"{r['shots']}-shot seed {r['seed']} {metric} {r['metrics'][metric]:.3f} (majority {r['majority']:.3f}, "
+              f"chance {r['chance']:.3f}, n={r['n']})")
     return 0
 
 

@@ -49,11 +49,11 @@ class Downstream:
                                      self.dec_limit, self.dec_limit)
                     m = sc.metrics()
                     n = len(mine)
-                    t = torch.tensor([m["acc"] * n if n else 0.0, m["acc_norm"] * n if n else 0.0, float(n)],
-                                     dtype=torch.float64)
+                    names = ("acc", "acc_norm", "acc_mutual_info")
+                    t = torch.tensor([m[x] * n if n else 0.0 for x in names] + [float(n)], dtype=torch.float64)
                     if dp > 1:
                         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
                     key = f"down/{task.name}/{placement}/{k}shot"
-                    out[f"{key}/acc"] = (t[0] / t[2].clamp(min=1)).item()
-                    out[f"{key}/acc_norm"] = (t[1] / t[2].clamp(min=1)).item()
+                    for i, x in enumerate(names):
+                        out[f"{key}/{x}"] = (t[i] / t[-1].clamp(min=1)).item()
         return out

@@ -30,6 +30,7 @@ doc_to_target: "{{{{label}}}}"
 metric_list:
   - metric: acc
   - metric: acc_norm
+  - metric: acc_mutual_info
 """
 
 

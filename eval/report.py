@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="JSON files written by eval.score --out")
-    p.add_argument("--metric", default="acc", choices=("acc", "acc_norm"))
+    p.add_argument("--metric", default="acc", choices=("acc", "acc_norm", "acc_mutual_info"))
     p.add_argument("--out", help="write OUT.md and OUT.png")
     args = p.parse_args(argv)
     try:

@@ -5,7 +5,9 @@
 
 - Classification and multiple choice alike: every answer choice is scored by the summed log-probability of its
   tokens after the prompt; `acc` = the argmax is the label, `acc_norm` = the argmax of the log-likelihood divided
-  by the answer's length in characters (lm-evaluation-harness' definitions).
+  by the answer's length in characters, `acc_mutual_info` = the argmax of log p(answer | prompt) - log p(answer)
+  (the answer's unconditional log-likelihood after `<s>`: removes the model's prior for an answer word)
+  (lm-evaluation-harness' definitions).
 - Placements (data_tools/task_samples.py): `causal` (everything in the decoder, exactly like a GPT; the only
   placement for the GPT baseline) and `encoder` (MetaLM: each task input, demonstrations' included, through the
   text encoder as its own span, docked into its decoder slots; answers are decoder tokens; `</s>` between examples).
@@ -32,13 +34,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data_tools.task_samples import PLACEMENTS, build_sequences, collate_shared, sample_demos
+from data_tools.task_samples import PLACEMENTS, Sequence, build_sequences, collate_shared, sample_demos
 from data_tools.tasks import Task, get_task, load_split
 
 
 @dataclass
 class TaskScores:
     lls: list[list[float]]  # per item, per choice
+    unconditional: list[list[float]]  # log p(" " + choice | <s>) per item, per choice (for acc_mutual_info)
     labels: list[int]
     choice_chars: list[list[int]]
     truncated_sequences: int
@@ -48,10 +51,13 @@ class TaskScores:
         acc = [int(np.argmax(l) == y) for l, y in zip(self.lls, self.labels)]
         acc_norm = [int(np.argmax(np.array(l) / np.array(c, dtype=float)) == y)
                     for l, c, y in zip(self.lls, self.choice_chars, self.labels)]
+        mi = [int(np.argmax(np.array(l) - np.array(u)) == y)
+              for l, u, y in zip(self.lls, self.unconditional, self.labels)]
         n = len(self.labels)
         counts = np.bincount(self.labels) if n else np.zeros(1)
         return {"acc": float(np.mean(acc)) if n else float("nan"),
                 "acc_norm": float(np.mean(acc_norm)) if n else float("nan"),
+                "acc_mutual_info": float(np.mean(mi)) if n else float("nan"),
                 "chance": float(np.mean([1.0 / len(l) for l in self.lls])) if n else float("nan"),
                 "majority": float(counts.max() / n) if n else float("nan")}
 
@@ -91,7 +97,18 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
             lls[s.meta["item"]][s.meta["choice"]] = float(total)
         if progress is not None:
             progress.update(len(flat))
-    return TaskScores(lls=lls, labels=[it["label"] for it in items],
+    # unconditional answer log-likelihoods (lm-eval's acc_mutual_info: log p(choice | ctx) - log p(choice)),
+    # one row: every distinct answer after <s>
+    answers = sorted({c for it in items for c in task.choices(it)})
+    prior = {}
+    if answers:
+        # encode(answer): the tokens the answer gets after a word boundary (SentencePiece would turn the leading
+        # space of " answer" into a piece of its own; lm-eval's HF tokenizer does not)
+        group = [Sequence([], tok.encode(a), meta={"answer": a}) for a in answers]
+        batch, (rows, pos, labels, owner) = collate_shared([group], tok.ids.bos, tok.ids.pad, False)
+        lp = pair_logprobs(model, batch, rows, pos, labels).double().cpu().numpy()
+        prior = dict(zip(answers, np.bincount(owner, weights=lp, minlength=len(group)).tolist()))
+    return TaskScores(lls=lls, unconditional=[[prior[c] for c in task.choices(it)] for it in items], labels=[it["label"] for it in items],
                       choice_chars=[[max(1, len(c)) for c in task.choices(it)] for it in items],
                       truncated_sequences=sum(1 for s in seqs if s.truncated),
                       truncated_tokens=sum(s.truncated for s in seqs))
@@ -125,23 +142,24 @@ def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequen
                                          batch_size, progress=bar)
                     m = sc.metrics()
                     rec = {**(meta or {}), "task": name, "split": split, "placement": placement, "shots": k,
-                           "seed": seed, "n": len(items), "metrics": {x: m[x] for x in ("acc", "acc_norm")},
+                           "seed": seed, "n": len(items), "metrics": {x: m[x] for x in ("acc", "acc_norm", "acc_mutual_info")},
                            "chance": m["chance"], "majority": m["majority"],
                            "truncated_sequences": sc.truncated_sequences, "truncated_tokens": sc.truncated_tokens,
                            "seconds": round(time.perf_counter() - t0, 2)}
                     records.append(rec)
                     log(f"{name:22s} {placement:8s} {k}-shot seed {seed}: acc {m['acc']:.3f} acc_norm "
-                        f"{m['acc_norm']:.3f} (n={len(items)}, chance {m['chance']:.2f}, majority "
-                        f"{m['majority']:.2f}, truncated {sc.truncated_sequences}) {rec['seconds']:.1f}s")
+                        f"{m['acc_norm']:.3f} acc_mi {m['acc_mutual_info']:.3f} (n={len(items)}, chance "
+                        f"{m['chance']:.2f}, majority {m['majority']:.2f}, truncated {sc.truncated_sequences}) {rec['seconds']:.1f}s")
     return records
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["| model | step | task | placement | shots | seed | n | acc | acc_norm | majority | truncated |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | step | task | placement | shots | seed | n | acc | acc_norm | acc_mutual_info | majority "
+             "| truncated |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r.get('model', '')} | {r.get('step', '')} | {r['task']} | {r['placement']} | {r['shots']} "
                      f"| {r['seed']} | {r['n']} | {r['metrics']['acc']:.3f} | {r['metrics']['acc_norm']:.3f} "
+                     f"| {r['metrics'].get('acc_mutual_info', float('nan')):.3f} "
                      f"| {r['majority']:.3f} | {r['truncated_sequences']} |")
     return "\n".join(lines) + "\n"
 

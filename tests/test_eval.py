@@ -52,10 +52,13 @@ def test_causal_scores_equal_lm_eval(loaded, trained, task_dir, tmp_path):
     samples = sorted(res["samples"]["polarity_local"], key=lambda s: s["doc_id"])
     assert len(samples) == len(items)
     for s, ll in zip(samples, ours.lls):
-        np.testing.assert_allclose(ll, [r[0][0] for r in s["resps"]], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(ll, [r[0][0] for r in s["resps"]][:len(ll)], atol=1e-4, rtol=0)
     m = ours.metrics()
     assert res["results"]["polarity_local"]["acc,none"] == pytest.approx(m["acc"], abs=1e-12)
     assert res["results"]["polarity_local"]["acc_norm,none"] == pytest.approx(m["acc_norm"], abs=1e-12)
+    assert res["results"]["polarity_local"]["acc_mutual_info,none"] == pytest.approx(m["acc_mutual_info"], abs=1e-12)
+    uncond = [r[0][0] for r in samples[0]["resps"][len(ours.lls[0]):]]  # lm-eval's ("", " choice") requests
+    np.testing.assert_allclose(uncond, ours.unconditional[0], atol=1e-4, rtol=0)
 
 
 def test_encoder_placement_never_sees_the_answer(loaded, task_dir):
@@ -103,7 +106,7 @@ def test_score_cli_report_and_errors(trained, task_dir, tmp_path):
     assert len(recs) == 2 * 2 * (1 + 2)  # tasks x placements x (0-shot once + 1-shot x 2 seeds)
     for rec in recs:
         assert rec["n"] == 12 and rec["step"] == 4 and 0 <= rec["metrics"]["acc"] <= 1
-        assert {"acc", "acc_norm"} == set(rec["metrics"]) and "truncated_sequences" in rec
+        assert {"acc", "acc_norm", "acc_mutual_info"} == set(rec["metrics"]) and "truncated_sequences" in rec
     assert any(r["truncated_sequences"] > 0 for r in recs if r["task"] == "spam" and r["placement"] == "encoder")
     assert (out / "metalm.md").read_text().count("\n") == len(recs) + 2
     rep = subprocess.run([sys.executable, "-m", "eval.report", str(out / "metalm.json"), "--out",
@@ -243,7 +246,7 @@ def test_in_loop_downstream_scores_are_logged(tmp_path, tok_model, moby_prefix, 
     recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if "down/" in l]
     assert [rec["step"] for rec in recs] == [2, 4]
     keys = {k for k in recs[0] if k.startswith("down/")}
-    assert {"down/polarity/causal/0shot/acc", "down/spam/encoder/1shot/acc_norm"} <= keys and len(keys) == 16
+    assert {"down/polarity/causal/0shot/acc", "down/spam/encoder/1shot/acc_norm"} <= keys and len(keys) == 24
     assert all(v in {i / 6 for i in range(7)} for k, v in recs[0].items() if k.startswith("down/"))
     assert "downstream acc | polarity/causal/0shot" in r.stdout
 

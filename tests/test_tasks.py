@@ -135,3 +135,15 @@ def test_encoder_pieces_truncation_and_collate(tok):
     short = build_sequences(task, {"id": "s", "text": "fine", "label": 0}, [], "causal", tok, 120, 50)
     assert all(s.truncated == 0 for s in short)
     np.testing.assert_array_equal(collate_sequences(short, 1, 3, False)[0]["enc_tokens"].shape, (2, 0))
+
+
+@pytest.mark.slow
+def test_bigbench_task_from_the_sdist(tmp_path):
+    """The real BIG-bench sdist (fetched once into the download cache, only the task files kept)."""
+    out = fetch("presuppositions_as_nli", str(tmp_path / "a"), log=lambda *a: None)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["counts"] == {"train": 441, "validation": 147, "test": 147} and meta["skipped"] == {}
+    item = load_split(str(tmp_path / "a"), "presuppositions_as_nli", "test")[0]
+    assert item["premise"] and item["hypothesis"] and item["choices"] == ["entailment", "neutral", "contradiction"]
+    again = fetch("presuppositions_as_nli", str(tmp_path / "b"), log=lambda *a: None)
+    assert digest(out) == digest(again)
