@@ -34,14 +34,24 @@ def load_records(paths: Sequence[str]) -> list[dict]:
     return records
 
 
+METRICS = ("acc", "acc_norm", "acc_mutual_info")
+
+
 def summarise(records: list[dict], metric: str = "acc") -> list[dict]:
+    """One row per (task, model, placement, shots): `mean`/`std` of `metric` (what the plot draws), and
+    `all` = {metric: (mean, sd)} for every metric the records carry."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r.get("model", "?"), r["placement"], int(r["shots"]))].append(r)
     rows = []
     for (task, model, placement, shots), rs in sorted(groups.items()):
         vals = np.array([r["metrics"][metric] for r in rs], dtype=float)
-        rows.append({"task": task, "model": model, "placement": placement, "shots": shots, "metric": metric,
+        every = {}
+        for m in METRICS:
+            if all(m in r["metrics"] for r in rs):
+                v = np.array([r["metrics"][m] for r in rs], dtype=float)
+                every[m] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+        rows.append({"all": every, "task": task, "model": model, "placement": placement, "shots": shots, "metric": metric,
                      "mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
                      "seeds": len(vals), "n": rs[0]["n"], "majority": rs[0].get("majority", float("nan")),
                      "chance": rs[0].get("chance", float("nan")),
@@ -50,11 +60,15 @@ def summarise(records: list[dict], metric: str = "acc") -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = [f"| task | model | placement | shots | {rows[0]['metric'] if rows else 'acc'} (mean ± sd) | seeds | n | "
-           "majority | truncated |", "|---|---|---|---|---|---|---|---|---|"]
+    """Mean ± sd over seeds per metric; `binomial se` = sqrt(p(1-p)/n) of acc, the sampling error of the items."""
+    out = ["| task | model | placement | shots | acc | acc_norm | acc_mutual_info | seeds | n | binomial se | "
+           "majority | truncated |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['task']} | {r['model']} | {r['placement']} | {r['shots']} | {r['mean']:.3f} ± {r['std']:.3f} "
-                   f"| {r['seeds']} | {r['n']} | {r['majority']:.3f} | {r['truncated']} |")
+        cells = [f"{r['all'][m][0]:.3f} ± {r['all'][m][1]:.3f}" if m in r["all"] else "" for m in METRICS]
+        acc = r["all"].get("acc", (r["mean"], 0))[0]
+        se = (acc * (1 - acc) / max(r["n"], 1)) ** 0.5
+        out.append(f"| {r['task']} | {r['model']} | {r['placement']} | {r['shots']} | {' | '.join(cells)} "
+                   f"| {r['seeds']} | {r['n']} | {se:.3f} | {r['majority']:.3f} | {r['truncated']} |")
     return "\n".join(out) + "\n"
 
 
