@@ -46,10 +46,15 @@ def check_dataset_prefix(prefix: str) -> None:
 def publish_dataset(prefix: str, tmp: str) -> None:
     """Rename a finished PREFIX.bin/.idx + tmp pair into place. The old .idx goes first and the new .idx last, so
     at no moment does a .bin sit beside an .idx that does not describe it."""
+    from data_tools.durable import fsync_dir, fsync_file
+
+    for ext in (".bin", ".idx"):  # the data on disk before the names say it is complete
+        fsync_file(prefix + ext + tmp)
     if os.path.exists(prefix + ".idx"):
         os.remove(prefix + ".idx")
     os.replace(prefix + ".bin" + tmp, prefix + ".bin")
     os.replace(prefix + ".idx" + tmp, prefix + ".idx")
+    fsync_dir(os.path.dirname(os.path.abspath(prefix)))
 
 
 def discard_dataset(prefix: str, tmp: str, builder) -> None:

@@ -5,13 +5,21 @@ Layout of `RUN/checkpoints/`:
     step_00000100/                 DeepSpeed's save_checkpoint(tag) files (model states, ZeRO shards)
     step_00000100/extra/rank_R.pt  per rank: RNG states (torch, numpy, python), consumed samples, counters
     step_00000100/config.yaml      the resolved training config
-    step_00000100/COMPLETE         written last, by rank 0, after every rank finished writing
+    step_00000100/COMPLETE         written last, by rank 0, after every rank finished writing: JSON with the step,
+                                   world size, code version and a manifest (every file's size)
     latest                         the newest complete tag (written to a temporary file, then renamed)
 A tag directory without COMPLETE (a save cut off by a crash or kill -9) is never resumed from: `find_resume`
-warns about it and takes the newest complete one.
+warns about it and takes the newest complete one; so is one whose files do not match its manifest (a marker that
+reached the disk before its data: a power loss on a file system that reorders writes).
+
+Durability (data_tools/durable.py): DeepSpeed writes its files without fsync, so after every rank has written,
+the first process of each node fsyncs every file of the tag directory (the node's own writes are what its page
+cache holds; on a shared file system every writer node flushes its own) and the directories; only then does rank 0
+write config.yaml, the COMPLETE marker and `latest`, each fsynced, renamed into place, its directory fsynced.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -21,6 +29,8 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from data_tools.durable import fsync_file, fsync_tree, write_durable
 
 COMPLETE = "COMPLETE"
 
@@ -62,20 +72,50 @@ def save(engine, ckpt_dir: str, step: int, extra: dict, config_yaml: str, keep_l
     os.makedirs(os.path.join(tag_dir, "extra"), exist_ok=True)
     path = os.path.join(tag_dir, "extra", f"rank_{rank}.pt")
     torch.save({**extra, "rng": rng_state()}, path + ".tmp")
+    fsync_file(path + ".tmp")
     os.replace(path + ".tmp", path)
-    dist.barrier()
+    dist.barrier()  # every rank has written its files
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+        fsync_tree(tag_dir)
+    dist.barrier()  # ... and every node has flushed them
     if rank == 0:
-        with open(os.path.join(tag_dir, "config.yaml"), "w") as f:
-            f.write(config_yaml)
-        with open(os.path.join(tag_dir, COMPLETE), "w") as f:
-            f.write(f"step {step}\nworld_size {dist.get_world_size()}\ncode {code_version()}\n")
-        with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
-            f.write(tag)
-        os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
+        write_durable(os.path.join(tag_dir, "config.yaml"), config_yaml)
+        marker = {"step": step, "world_size": dist.get_world_size(), "code": code_version(),
+                  "files": manifest(tag_dir)}
+        write_durable(os.path.join(tag_dir, COMPLETE), json.dumps(marker, indent=1))
+        write_durable(os.path.join(ckpt_dir, "latest"), tag)
         prune(ckpt_dir, keep_last)
         log(f"saved checkpoint {tag_dir}")
     dist.barrier()
     return tag
+
+
+def manifest(tag_dir: str) -> dict[str, int]:
+    """Size of every file of a checkpoint (relative path -> bytes), the COMPLETE marker excluded."""
+    out = {}
+    for dirpath, _, files in os.walk(tag_dir):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, tag_dir)
+            if rel != COMPLETE and not name.endswith(".tmp"):
+                out[rel] = os.path.getsize(path)
+    return dict(sorted(out.items()))
+
+
+def damage(tag_dir: str) -> str | None:
+    """Why a checkpoint with a COMPLETE marker cannot be trusted (None: it matches its manifest). Markers written
+    before manifests existed (plain text) are accepted as they are."""
+    try:
+        marker = json.load(open(os.path.join(tag_dir, COMPLETE)))
+    except (OSError, ValueError):
+        return None
+    for rel, size in marker.get("files", {}).items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != size:
+            return f"{rel} has {os.path.getsize(path)} bytes, the manifest says {size}"
+    return None
 
 
 def complete_tags(ckpt_dir: str) -> list[str]:
@@ -100,13 +140,19 @@ def find_resume(ckpt_dir: str, resume: str, log=print) -> str | None:
     if resume != "auto":
         if not os.path.isfile(os.path.join(resume, COMPLETE)):
             raise FileNotFoundError(f"checkpoint.resume: {resume} is not a complete checkpoint (no {COMPLETE})")
+        if why := damage(resume):
+            raise FileNotFoundError(f"checkpoint.resume: {resume} is damaged: {why}")
         return os.path.abspath(resume)
     if not os.path.isdir(ckpt_dir):
         return None
     complete = complete_tags(ckpt_dir)
+    while complete and (why := damage(os.path.join(ckpt_dir, complete[-1]))):
+        log(f"warning: skipping damaged checkpoint {os.path.join(ckpt_dir, complete[-1])}: {why}", file=sys.stderr)
+        complete.pop()
     newest = complete[-1] if complete else None
     for t in sorted(os.listdir(ckpt_dir)):
-        if t.startswith("step_") and t not in complete and (newest is None or t > newest):
+        if (t.startswith("step_") and not os.path.isfile(os.path.join(ckpt_dir, t, COMPLETE))
+                and (newest is None or t > newest)):
             log(f"warning: skipping incomplete checkpoint {os.path.join(ckpt_dir, t)} (no {COMPLETE} marker)",
                 file=sys.stderr)
     return os.path.join(ckpt_dir, newest) if newest else None

@@ -186,6 +186,10 @@ class ParallelConfig:
     deepspeed: str = "zero2"  # a name in ds_configs/ or a path to a DeepSpeed JSON
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: GPU only, with loss scaling)
     timeout_s: float = 600.0  # collectives: a dead rank makes the others fail after this long
+    # watchdog (pretrain/watchdog.py): a step, save or evaluation running longer than this ends the job (exit 4);
+    # 0 = derived: max(step_timeout_floor_s, 20 x the slowest step so far)
+    step_timeout_s: float = 0.0
+    step_timeout_floor_s: float = 300.0
     pipeline_engine: bool = False  # use DeepSpeed's pipeline engine even at pp=1 (always on for pp>1)
 
     def __post_init__(self):
@@ -243,7 +247,9 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/default"
     seed: int = 1234
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    # a step is bad when any of its micro-batches had a non-finite loss (skipped, replaced by the next); this many
+    # bad steps in a row, or this many non-finite micro-batches in a row inside one step, stop the run (exit 3)
+    max_bad_steps: int = 5
     fault_injection: dict = field(default_factory=dict)  # tests only: {"nan_at_steps": [..], "die_at_step": N}
 
 

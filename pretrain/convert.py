@@ -36,6 +36,8 @@ from typing import Sequence
 
 import torch
 
+from data_tools.durable import fsync_dir, fsync_tree
+
 FORMAT = "metalm-consolidated"
 TP_DIM = {"embedding.weight": 0, "word.weight": 0, "qkv.weight": 0, "gate.weight": 0, "up.weight": 0,
           "output.weight": 0, "proj.weight": 1, "down.weight": 1}
@@ -73,6 +75,10 @@ def resolve_tag_dir(path: str) -> str:
         path = os.path.join(path, open(os.path.join(path, "latest")).read().strip())
     if not os.path.isfile(os.path.join(path, "COMPLETE")):
         raise ConvertError(f"{path}: not a complete checkpoint (no COMPLETE marker: cut off while saving?)")
+    from pretrain.checkpoint import damage
+
+    if why := damage(path):
+        raise ConvertError(f"{path}: damaged checkpoint: {why}")
     return path
 
 
@@ -173,9 +179,11 @@ def _write_dir(out: str, write) -> str:
     os.makedirs(tmp)
     try:
         write(tmp)
+        fsync_tree(tmp)  # every file on disk before the directory gets its final name
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
+        fsync_dir(os.path.dirname(out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

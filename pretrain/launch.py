@@ -11,8 +11,17 @@ management or rendezvous):
 
 The torchrun agent watches its workers: when one dies, it stops the others and exits non-zero, naming the failed
 rank; with several nodes the rendezvous spreads the failure to the other agents. Collectives time out after
-`parallel.timeout_s` as a last resort. The environment every worker gets (thread counts, NCCL/gloo settings,
-DeepSpeed's accelerator) is set in one place, `worker_env`.
+`parallel.timeout_s` as a last resort, and every rank runs a step watchdog (pretrain/watchdog.py). The environment
+every worker gets (thread counts, NCCL/gloo settings, DeepSpeed's accelerator) is set in one place, `worker_env`.
+
+Signals and the grace period (`--grace-s`, default 120): this launcher, not torchrun (whose teardown waits a fixed
+30 s before SIGKILL), owns it. torchrun runs in its own session, so a terminal's Ctrl-C reaches only the launcher.
+On SIGTERM or SIGINT the launcher sends SIGTERM straight to the training processes, which finish their step, save
+a checkpoint and exit 0 (then the launcher exits 0); if they are not done within the grace period it says so and
+kills them (the interrupted save has no COMPLETE marker; resume takes the last complete checkpoint). A second
+signal kills at once. When a worker ends while the others still run (a failure, the watchdog), the others get the
+same grace to wind down before they are killed, so a frozen rank cannot hold the job. Under SLURM, `#SBATCH
+--signal=TERM@<grace + 60>` makes the scheduler send that SIGTERM before the time limit.
 """
 from __future__ import annotations
 
@@ -20,8 +29,10 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from typing import Sequence
 
 TRAIN_MODULE = "pretrain.train"
@@ -67,10 +78,9 @@ def deepspeed_command(args, train_args: Sequence[str]) -> list[str]:
 
 def slurm_script(args, train_args: Sequence[str]) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    inner = (f"{shlex.quote(sys.executable)} -m torch.distributed.run --nnodes=$SLURM_NNODES "
-             f"--nproc-per-node={args.nproc_per_node} --rdzv-backend=c10d "
-             f"--rdzv-endpoint=$MASTER_ADDR:{args.master_port or 29500} --rdzv-id=$SLURM_JOB_ID "
-             f"-m {TRAIN_MODULE} {' '.join(shlex.quote(a) for a in train_args)}")
+    inner = (f"{shlex.quote(sys.executable)} -m pretrain.launch --nnodes=$SLURM_NNODES "
+             f"--nproc-per-node={args.nproc_per_node} --rdzv-endpoint=$MASTER_ADDR:{args.master_port or 29500} "
+             f"--rdzv-id=$SLURM_JOB_ID --grace-s={args.grace_s:g} -- {' '.join(shlex.quote(a) for a in train_args)}")
     return "\n".join([
         "#!/bin/bash",
         f"#SBATCH --job-name={args.job_name}",
@@ -79,6 +89,7 @@ def slurm_script(args, train_args: Sequence[str]) -> str:
         f"#SBATCH --gpus-per-node={args.nproc_per_node}" if args.gpus else "",
         f"#SBATCH --cpus-per-task={args.cpus_per_task}",
         f"#SBATCH --time={args.time}",
+        f"#SBATCH --signal=TERM@{int(args.grace_s) + 60}",
         "#SBATCH --output=%x-%j.out",
         "set -euo pipefail",
         f"cd {shlex.quote(root)}",
@@ -109,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", default="24:00:00")
     p.add_argument("--cpus-per-task", type=int, default=32)
     p.add_argument("--gpus", action="store_true", help="with --slurm: request --nproc-per-node GPUs per node")
+    p.add_argument("--grace-s", type=float, default=120.0, help="seconds the workers get to save and exit after "
+                   "SIGTERM/SIGINT (or after another worker failed) before they are killed")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: arguments for pretrain.train")
     return p
 
@@ -135,11 +148,97 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: several nodes need --master-port (or --rdzv-endpoint)", file=sys.stderr)
         return 2
     cmd = deepspeed_command(args, train_args) if args.hostfile else torchrun_command(args, train_args)
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        print(f"error: training failed (exit status {proc.returncode}); the launcher's report above names the "
-              "failed rank", file=sys.stderr)
-    return proc.returncode
+    return supervise(cmd, env, args.grace_s)
+
+
+def training_processes(pid: int) -> list:
+    """The training processes below the launcher child (not their own children, e.g. data-loader workers, which
+    share their command line)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    pids = set()
+    out = []
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        # `python [-u] -m pretrain.train ...` (torchrun's own command line names the module too, after its own -m)
+        if "-m" in cmd and cmd.index("-m") + 1 < len(cmd) and cmd[cmd.index("-m") + 1] == TRAIN_MODULE:
+            out.append(p)
+            pids.add(p.pid)
+    return [p for p in out if p.ppid() not in pids]
+
+
+def _say(msg: str) -> None:
+    print(f"launcher: {msg}", file=sys.stderr, flush=True)
+
+
+def supervise(cmd: Sequence[str], env: dict, grace_s: float) -> int:
+    """Run torchrun (or the deepspeed launcher) in its own session and own the grace period (module docstring)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    st = {"signal": None, "deadline": None, "why": ""}
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if st["signal"] is not None:
+            _say(f"second {name}: stopping the workers now")
+            st["deadline"] = 0.0
+            return
+        st["signal"] = name
+        workers = training_processes(proc.pid)
+        _say(f"{name} received: asking {len(workers)} training process(es) to save and exit (grace period "
+             f"{grace_s:g}s, --grace-s)")
+        for w in workers:
+            try:
+                w.send_signal(signal.SIGTERM)
+            except Exception:  # noqa: BLE001 (psutil.NoSuchProcess: it ended meanwhile)
+                pass
+        st["deadline"], st["why"] = time.monotonic() + grace_s, f"after {name}"
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    seen: set[int] = set()
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            alive = {p.pid for p in training_processes(proc.pid)}
+            if st["deadline"] is None and seen - alive and alive:  # one ended, others run: failure or finish
+                st["deadline"] = time.monotonic() + grace_s
+                st["why"] = "after a training process ended while others still ran"
+            seen |= alive
+            if st["deadline"] is not None and time.monotonic() > st["deadline"]:
+                left = training_processes(proc.pid)
+                _say(f"the grace period ({grace_s:g}s {st['why']}) ran out with {len(left)} training process(es) "
+                     "still running: killing them; an interrupted save has no COMPLETE marker, so resume takes the "
+                     "last complete checkpoint")
+                for p in left:
+                    try:
+                        p.kill()
+                    except Exception:  # noqa: BLE001
+                        pass
+                try:
+                    rc = proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    rc = proc.wait()
+                rc = rc or 1
+                break
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if rc != 0:
+        print(f"error: training failed (exit status {rc}); the report above names the failed rank", file=sys.stderr)
+    elif st["signal"]:
+        _say(f"the workers saved and exited after {st['signal']}")
+    return rc
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     skipped: int = 0
-    bad_in_row: int = 0
+    bad_in_row: int = 0  # non-finite micro-batches in a row
+    bad_steps_in_row: int = 0  # optimizer steps in a row that had a non-finite micro-batch
 
 
 # ---------------------------------------------------------------- set-up
@@ -190,6 +191,7 @@ def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> 
     losses = []
     fi = cfg.fault_injection  # tests: poison the first `nan_count` micro-batches of the listed steps on rank 0
     poisoned = fi.get("nan_count", 1) if state.step + 1 in fi.get("nan_at_steps", ()) else 0
+    bad_before = state.skipped
     while len(losses) < cfg.parallel.grad_accum:
         batch = to_device(next(batches), device)
         loss = forward_backward(engine, batch, inject=poisoned > 0 and dist.get_rank() == 0)
@@ -205,6 +207,10 @@ def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> 
         state.bad_in_row = 0
         losses.append(loss)
     state.step += 1
+    state.bad_steps_in_row = state.bad_steps_in_row + 1 if state.skipped > bad_before else 0
+    if state.bad_steps_in_row >= cfg.max_bad_steps:
+        raise TrainingAborted(f"{state.bad_steps_in_row} steps in a row had a non-finite loss (max_bad_steps="
+                              f"{cfg.max_bad_steps}, last at step {state.step}); stopping, last good checkpoint kept")
     mean = torch.tensor([float(np.mean(losses))])
     dist.all_reduce(mean)
     return {"loss": mean.item() / dist.get_world_size()}
@@ -363,6 +369,9 @@ def setup(cfg: TrainConfig) -> Run:
 def save(run: Run) -> None:
     from pretrain import checkpoint
 
+    if run.cfg.fault_injection.get("slow_save_s"):  # tests: a save that outlives the preemption grace
+        time.sleep(float(run.cfg.fault_injection["slow_save_s"]))
+
     checkpoint.save(run.engine, run.ckpt_dir, run.state.step, {"state": vars(run.state).copy()}, run.config_yaml,
                     run.cfg.checkpoint.keep_last, log=run.reporter.log)
 
@@ -387,6 +396,7 @@ def timed_step(run: Run) -> dict:
     gn = engine.get_global_grad_norm()
     tokens = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_world() * cfg.data.seq_length
     m.update(lr=engine.get_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"), tokens_per_s=tokens / dt,
+             step_s=dt,
              skipped=state.skipped, consumed_samples=state.consumed_samples)
     if torch.cuda.is_available():
         m["mfu"] = (m["tokens_per_s"] * cfg.model.flops_per_token(cfg.data.seq_length)
@@ -395,40 +405,55 @@ def timed_step(run: Run) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train to `schedule.train_steps`; returns the last metrics (and the engine and tokenizer)."""
+    """Train to `schedule.train_steps`; returns the last metrics (and the engine and tokenizer). A watchdog
+    (pretrain/watchdog.py) ends the rank when a phase of the loop outlives `parallel.step_timeout_s`."""
+    from pretrain.watchdog import Watchdog
+
     run = setup(cfg)
     state, rep = run.state, run.reporter
     stop = StopFlag()
+    wd = Watchdog(cfg.run_dir, dist.get_rank(), dist.get_world_size(), cfg.parallel.step_timeout_s,
+                  cfg.parallel.step_timeout_floor_s)
     last: dict = {}
     try:
         while state.step < cfg.schedule.train_steps:
+            wd.enter("train step", state.step + 1)
             last = timed_step(run)
+            wd.step_done(last["step_s"])
             rep.step(state.step, last)
             if every(cfg.logging.eval_interval, state.step):
+                wd.enter("evaluation", state.step)
                 if run.valid_ds:
                     rep.valid(state.step, validate_all(run))
                 downstream_eval(run)
             saved = every(cfg.checkpoint.save_interval, state.step)
             if saved:
+                wd.enter("checkpoint save", state.step)
                 save(run)
+            wd.enter("stop check", state.step)
             if stop.agreed():
                 rep.log(f"stop requested: saving at step {state.step} and exiting")
                 if not saved:
+                    wd.enter("checkpoint save", state.step)
                     save(run)
                 rep.close()
                 return {"stopped": True, **last}
+        result = dict(last)
+        if not every(cfg.logging.eval_interval, state.step):
+            wd.enter("evaluation", state.step)
+            if run.valid_ds and cfg.logging.eval_iters:
+                result.update(validate_all(run))
+                rep.valid(state.step, result)
+            downstream_eval(run)
+        if not every(cfg.checkpoint.save_interval, state.step) and state.step > run.resumed_step:
+            wd.enter("checkpoint save", state.step)
+            save(run)
     except TrainingAborted as e:
         rep.log(f"error: {e}")
         rep.close()
         raise
-    result = dict(last)
-    if not every(cfg.logging.eval_interval, state.step):
-        if run.valid_ds and cfg.logging.eval_iters:
-            result.update(validate_all(run))
-            rep.valid(state.step, result)
-        downstream_eval(run)
-    if not every(cfg.checkpoint.save_interval, state.step) and state.step > run.resumed_step:
-        save(run)
+    finally:
+        wd.close()
     rep.close()
     result["engine"] = run.engine
     result["tokenizer"] = run.tokenizer

@@ -283,8 +283,9 @@ def test_slurm_script_and_launcher_help():
     assert r.returncode == 0
     s = r.stdout
     assert "#SBATCH --nodes=4" in s and "#SBATCH --gpus-per-node=8" in s
-    assert "torch.distributed.run --nnodes=$SLURM_NNODES --nproc-per-node=8 --rdzv-backend=c10d" in s
-    assert "-m pretrain.train --config c.yaml parallel.tp=2" in s and "srun --kill-on-bad-exit=1" in s
+    assert "-m pretrain.launch --nnodes=$SLURM_NNODES --nproc-per-node=8 --rdzv-endpoint=$MASTER_ADDR:29500" in s
+    assert "--grace-s=120 -- --config c.yaml parallel.tp=2" in s and "srun --kill-on-bad-exit=1" in s
+    assert "#SBATCH --signal=TERM@180" in s
     for mod in ("pretrain.train", "pretrain.launch", "pretrain.plot", "pretrain.convert"):
         r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, env=env(), cwd=ROOT)
         assert r.returncode == 0 and "usage:" in r.stdout, mod

@@ -1,0 +1,192 @@
+"""Cluster faults: a frozen rank ends the job (watchdog + the launcher's grace), checkpoints are written durably
+in order and a marker without its data is refused, the preemption grace belongs to the launcher, and bad steps
+in a row stop the run."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pretrain.checkpoint import COMPLETE
+from test_train import ROOT, SMALL, env, free_port, launch, losses
+
+
+def start(run_dir, tok_model, prefix, *overrides, grace=3, nproc=2):
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), "--grace-s", str(grace), "--", f"run_dir={run_dir}", f"data.tokenizer_model={tok_model}",
+           f"data.data_path=[{prefix}]", "schedule.train_steps=100000", *SMALL, *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
+
+
+def wait_steps(run_dir, n, timeout=120):
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(metrics) and sum('"loss"' in l for l in open(metrics)) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} steps within {timeout}s")
+
+
+def worker(launcher_pid, rank):
+    import psutil
+
+    from pretrain.launch import training_processes
+
+    for p in training_processes(launcher_pid):
+        if p.environ().get("RANK") == str(rank):
+            return p
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_job(tmp_path, tok_model, moby_prefix):
+    """kill -STOP of rank 1 at random moments (mid-step, in the optimizer step, in a save: saves every step):
+    rank 0's watchdog names it and exits; the launcher kills the frozen rank after its grace."""
+    timeout, grace = 4, 3
+    times = []
+    for trial in range(int(os.environ.get("METALM_FAULT_TRIALS", "3"))):
+        run = tmp_path / f"t{trial}"
+        proc = start(run, tok_model, moby_prefix, f"parallel.step_timeout_s={timeout}", "checkpoint.save_interval=1",
+                     "checkpoint.keep_last=2", grace=grace)
+        try:
+            wait_steps(run, 3)
+            time.sleep(random.Random(trial).uniform(0.0, 1.0))
+            frozen = worker(proc.pid, 1)
+            frozen.send_signal(signal.SIGSTOP)
+            t0 = time.time()
+            out = proc.communicate(timeout=60)[0]
+            took = time.time() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode != 0, out[-2000:]
+        assert took <= timeout + grace + 6, (took, out[-2000:])
+        assert not frozen.is_running() or frozen.status() == "zombie"
+        stack = (run / "watchdog" / "rank_0.stack.txt").read_text()
+        assert "rank 1: unresponsive" in stack and "Thread" in stack, stack[:1500]
+        assert "watchdog: rank 0 stuck in" in out
+        latest = (run / "checkpoints" / "latest").read_text()
+        assert (run / "checkpoints" / latest / COMPLETE).exists()  # the last complete checkpoint is untouched
+        phase = stack.split(" stuck in ")[1].split(" of step")[0]
+        times.append((round(took, 1), phase))
+    print(f"frozen-rank trials (seconds from SIGSTOP to the job's exit, rank 0's phase): {times}")
+
+
+def test_watchdog_limit_and_peer_report(tmp_path):
+    from pretrain.watchdog import Watchdog
+
+    wd = Watchdog(str(tmp_path), 0, 3, timeout_s=0, floor_s=50, interval_s=0.1)
+    try:
+        assert wd.limit() == 50
+        wd.step_done(4.0)
+        assert wd.limit() == 80  # 20 x the slowest step
+        wd.enter("train step", 7)
+        time.sleep(0.3)
+        now = time.time()
+        json.dump({"rank": 1, "host": "h", "pid": 1, "step": 7, "phase": "train step", "phase_s": 0, "alive": now - 60},
+                  open(tmp_path / "watchdog" / "heartbeat_rank_1.json", "w"))
+        json.dump({"rank": 2, "host": "h", "pid": 2, "step": 6, "phase": "checkpoint save", "phase_s": 0,
+                   "alive": now}, open(tmp_path / "watchdog" / "heartbeat_rank_2.json", "w"))
+        peers = wd.peers()
+        assert peers[0].startswith("rank 1: unresponsive for 60s") and peers[1].startswith("rank 2: in checkpoint save")
+        assert json.load(open(tmp_path / "watchdog" / "heartbeat_rank_0.json"))["step"] == 7
+    finally:
+        wd.close()
+
+
+class FakeEngine:
+    """What checkpoint.save needs of a DeepSpeed engine: it writes its files (as DeepSpeed does, without fsync)."""
+
+    def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest):
+        os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
+        with open(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"x" * 4096)
+
+
+def test_checkpoint_save_is_durable_and_ordered(tmp_path, monkeypatch):
+    from pretrain import checkpoint
+    from pretrain.convert import ConvertError, resolve_tag_dir
+    from pretrain.parallel import init_distributed
+
+    init_distributed("gloo")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.path.abspath(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt = str(tmp_path / "ckpt")
+    checkpoint.save(FakeEngine(), ckpt, 1, {"state": {"step": 1}}, "a: 1\n", keep_last=3, log=lambda *a, **k: None)
+    tag = os.path.join(ckpt, "step_00000001")
+    def first_fsync(path):  # of the file itself or of the temporary it was renamed from
+        return next(i for i, (e, p) in enumerate(events) if e == "fsync" and (p == path or p.startswith(path + ".tmp")))
+
+    order = {p: i for i, (e, p) in enumerate(events) if e == "replace"}
+    marker, latest = order[os.path.join(tag, COMPLETE)], order[os.path.join(ckpt, "latest")]
+    for f in ("mp_rank_00_model_states.pt", "extra/rank_0.pt", "config.yaml"):
+        assert first_fsync(os.path.join(tag, f)) < marker, f  # data on disk before the marker
+    assert events.index(("fsync", tag)) < marker < latest  # the directory too; the marker before latest
+    assert ("fsync", ckpt) in events[latest:]  # latest's rename made durable
+    manifest = json.load(open(os.path.join(tag, COMPLETE)))["files"]
+    assert manifest["mp_rank_00_model_states.pt"] == 4096
+    monkeypatch.undo()
+    checkpoint.save(FakeEngine(), ckpt, 2, {"state": {"step": 2}}, "a: 1\n", keep_last=3, log=lambda *a, **k: None)
+    # a marker that reached the disk before its data: the newer checkpoint is refused, the older one taken
+    with open(os.path.join(ckpt, "step_00000002", "mp_rank_00_model_states.pt"), "r+b") as f:
+        f.truncate(100)
+    warnings = []
+    got = checkpoint.find_resume(ckpt, "auto", log=lambda *a, **k: warnings.append(a[0]))
+    assert got == tag and "damaged" in warnings[0] and "has 100 bytes, the manifest says 4096" in warnings[0]
+    with pytest.raises(FileNotFoundError, match="is damaged"):
+        checkpoint.find_resume(ckpt, os.path.join(ckpt, "step_00000002"))
+    with pytest.raises(ConvertError, match="damaged checkpoint"):
+        resolve_tag_dir(os.path.join(ckpt, "step_00000002"))
+
+
+@pytest.mark.slow
+def test_launcher_owns_the_grace_period(tmp_path, tok_model, moby_prefix):
+    # SIGTERM to the launcher: the workers save and exit 0 within the grace
+    proc = start(tmp_path / "ok", tok_model, moby_prefix, "checkpoint.save_interval=0", grace=60)
+    wait_steps(tmp_path / "ok", 3)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "asking 2 training process(es) to save and exit" in out and "stop requested: saving at step" in out
+    tag = (tmp_path / "ok" / "checkpoints" / "latest").read_text()
+    assert int(tag[5:]) == max(losses(tmp_path / "ok"))
+    # a save slower than the grace: the launcher says so and kills; the interrupted save is not marked complete
+    proc = start(tmp_path / "slow", tok_model, moby_prefix, "checkpoint.save_interval=2",
+                 "fault_injection={slow_save_s: 30}", grace=2)
+    wait_steps(tmp_path / "slow", 2)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=90)[0]
+    assert proc.returncode != 0 and time.time() - t0 < 15, out[-3000:]
+    assert "grace period (2s after SIGINT) ran out" in out
+    ckpt = tmp_path / "slow" / "checkpoints"
+    assert not ckpt.exists() or not (ckpt / "latest").exists() or all(
+        (ckpt / t / COMPLETE).exists() for t in os.listdir(ckpt) if t.startswith("step_") and
+        t <= (ckpt / "latest").read_text())
+
+
+def test_bad_steps_in_a_row_stop_the_run(tmp_path, tok_model, moby_prefix):
+    cmd = [sys.executable, "-m", "pretrain.train", f"run_dir={tmp_path}", f"data.tokenizer_model={tok_model}",
+           f"data.data_path=[{moby_prefix}]", "schedule.train_steps=8", *SMALL,
+           "fault_injection={nan_at_steps: [2, 3, 4]}", "max_bad_steps=3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env(), MASTER_PORT=str(free_port())), cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
+    assert "3 steps in a row had a non-finite loss (max_bad_steps=3, last at step 4)" in r.stdout + r.stderr
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
