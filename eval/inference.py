@@ -95,8 +95,8 @@ def pair_logprobs(model, batch: dict, rows, positions, labels) -> torch.Tensor:
         batch = {k: v.to(dev) for k, v in batch.items()}
         B, T = batch["tokens"].shape
         mask = AttentionMask.build(masks.shared_prefix(batch["segments"]), B, T, None, dev, "sdpa")
-        h = model.hidden(batch, mask)  # project only the N scored positions onto the vocabulary
-        sel = model.decoder.project(h[torch.as_tensor(rows, device=dev), torch.as_tensor(positions, device=dev)])
+        flat = torch.as_tensor(rows, device=dev) * T + torch.as_tensor(positions, device=dev)
+        sel = model.logits(batch, mask, select_N=flat)  # only the N scored positions are projected: [N, V/tp]
         return -token_losses(sel[None], torch.as_tensor(labels, device=dev)[None])[0]
 
 

@@ -238,8 +238,10 @@ def test_perplexity_cli(trained, moby_prefix, moby_jsonl, tmp_path):
 
 # ---------------------------------------------------------------- in-loop evaluation and tensor parallelism
 @pytest.mark.slow
-def test_in_loop_downstream_scores_are_logged(tmp_path, tok_model, moby_prefix, task_dir):
-    r = launch(tmp_path, tok_model, moby_prefix, "logging.eval_interval=2", "logging.eval_iters=1",
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])  # items split over ranks; ZeRO-3: all ranks score all items
+def test_in_loop_downstream_scores_are_logged(tmp_path, tok_model, moby_prefix, task_dir, zero):
+    r = launch(tmp_path, tok_model, moby_prefix, f"parallel.deepspeed={zero}", "logging.eval_interval=2",
+               "logging.eval_iters=1",
                "logging.tensorboard=true", "logging.downstream_tasks=[polarity,spam]",
                "logging.downstream_shots=[0,1]", f"logging.downstream_data={task_dir}",
                "logging.downstream_items=6", nproc=2, steps=4)

@@ -45,10 +45,16 @@ class Decoder(nn.Module):
     def embed(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         return self.embedding(tokens_BT)
 
-    def forward(self, x_BTd: torch.Tensor, position_ids_BT: torch.Tensor, mask, cache=None) -> torch.Tensor:
+    def forward(self, x_BTd: torch.Tensor, position_ids_BT: torch.Tensor, mask, cache=None,
+                select_N: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder input embeddings (docked) -> vocab-parallel logits [B, T, V/tp]. With a `KVCache` (inference),
-        the T positions continue the cached ones and `mask` spans [B, 1, T, cached + T]."""
-        return self.project(self.stack(x_BTd, position_ids_BT, mask, cache))
+        the T positions continue the cached ones and `mask` spans [B, 1, T, cached + T]. With `select_N` (flat
+        indices into B*T) only those positions are projected: logits [N, V/tp] (scoring). The projection stays
+        inside this forward: under ZeRO-3 the tied embedding weight is gathered only while it runs."""
+        h = self.stack(x_BTd, position_ids_BT, mask, cache)
+        if select_N is not None:
+            h = h.flatten(0, 1).index_select(0, select_N)
+        return self.project(h)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., d] -> vocab-parallel logits [..., V/tp] (tied embedding or output layer)."""

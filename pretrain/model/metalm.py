@@ -63,15 +63,12 @@ class MetaLM(nn.Module):
             x = dock(x, self.encode_images(batch["images"]), batch["image_dst"])
         return x
 
-    def logits(self, batch, mask: AttentionMask | None = None) -> torch.Tensor:
+    def logits(self, batch, mask: AttentionMask | None = None, select_N: torch.Tensor | None = None) -> torch.Tensor:
         """Vocab-parallel logits [B, T, V/tp]; `mask` replaces the decoder mask built from `document_ids`
-        (inference: e.g. answer choices sharing one prompt, eval/inference.py)."""
-        return self.decoder.project(self.hidden(batch, mask))
-
-    def hidden(self, batch, mask: AttentionMask | None = None) -> torch.Tensor:
-        """Final decoder hidden states [B, T, d] (before the output projection)."""
+        (inference: e.g. answer choices sharing one prompt, eval/inference.py); `select_N` (flat indices into B*T)
+        projects only those positions: [N, V/tp]."""
         mask = mask if mask is not None else decoder_mask(self.cfg, batch["document_ids"])
-        return self.decoder.stack(self.embed_and_dock(batch), batch["position_ids"], mask)
+        return self.decoder(self.embed_and_dock(batch), batch["position_ids"], mask, select_N=select_N)
 
     def forward(self, batch) -> torch.Tensor:
         """Scalar loss: mean cross entropy over the counted targets (loss_mask)."""
