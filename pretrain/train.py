@@ -6,8 +6,10 @@
 Reads top to bottom: `train()` sets up and loops over `train_step()`, which runs `forward_backward()` per
 micro-batch. Reporting, validation and checkpointing hang off the loop. A checkpoint is saved every
 `checkpoint.save_interval` steps, at the end, and on SIGTERM/SIGINT (then the run exits 0). A non-finite loss skips
-its micro-batch on every rank (the flag is all-reduced) and is counted; `max_bad_steps` in a row stop the run with
-the last good checkpoint kept.
+its micro-batch on every rank (the flag is all-reduced) and is counted; a step with any such micro-batch is bad, and
+`max_bad_steps` bad steps in a row (or that many non-finite micro-batches in a row inside one step) stop the run with
+exit 3, the last good checkpoint kept. A watchdog thread (pretrain/watchdog.py) ends a rank whose step, save or
+evaluation outlives `parallel.step_timeout_s` (exit 4).
 """
 from __future__ import annotations
 
