@@ -20,7 +20,8 @@ On SIGTERM or SIGINT the launcher sends SIGTERM straight to the training process
 a checkpoint and exit 0 (then the launcher exits 0); if they are not done within the grace period it says so and
 kills them (the interrupted save has no COMPLETE marker; resume takes the last complete checkpoint). A second
 signal kills at once. When a worker ends while the others still run (a failure, the watchdog), the others get the
-same grace to wind down before they are killed, so a frozen rank cannot hold the job. Under SLURM, `#SBATCH
+same grace to wind down before they are killed, so a frozen rank cannot hold the job. If the launcher itself is
+killed (even `kill -9`), torchrun gets SIGTERM (parent-death signal) and stops the workers, which save and exit. Under SLURM, `#SBATCH
 --signal=TERM@<grace + 60>` makes the scheduler send that SIGTERM before the time limit.
 """
 from __future__ import annotations
@@ -178,9 +179,21 @@ def _say(msg: str) -> None:
     print(f"launcher: {msg}", file=sys.stderr, flush=True)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG), so
+    a killed launcher does not leave torchrun and its workers training unsupervised in the run directory (torchrun
+    passes the SIGTERM on: the workers save and exit)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: no parent-death signal
+
+
 def supervise(cmd: Sequence[str], env: dict, grace_s: float) -> int:
     """Run torchrun (or the deepspeed launcher) in its own session and own the grace period (module docstring)."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     st = {"signal": None, "deadline": None, "why": ""}
 
     def on_signal(signum, frame):

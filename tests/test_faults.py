@@ -190,3 +190,21 @@ def test_bad_steps_in_a_row_stop_the_run(tmp_path, tok_model, moby_prefix):
     assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
     assert "3 steps in a row had a non-finite loss (max_bad_steps=3, last at step 4)" in r.stdout + r.stderr
     assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_killed_launcher_takes_the_job_down(tmp_path, tok_model, moby_prefix):
+    """kill -9 of the launcher: torchrun gets its parent-death SIGTERM and stops the workers (no orphans training
+    into the run directory)."""
+    import psutil
+
+    proc = start(tmp_path, tok_model, moby_prefix, "checkpoint.save_interval=0", grace=30)
+    wait_steps(tmp_path, 3)
+    below = psutil.Process(proc.pid).children(recursive=True)
+    assert len(below) >= 3  # torchrun and two workers
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(below, timeout=60)
+    for p in alive:
+        p.kill()
+    assert not alive, [p.cmdline()[:4] for p in alive]
