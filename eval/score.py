@@ -97,18 +97,22 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
             lls[s.meta["item"]][s.meta["choice"]] = float(total)
         if progress is not None:
             progress.update(len(flat))
-    # unconditional answer log-likelihoods (lm-eval's acc_mutual_info: log p(choice | ctx) - log p(choice)),
-    # one row: every distinct answer after <s>
+    # unconditional answer log-likelihoods (lm-eval's acc_mutual_info: log p(choice | ctx) - log p(choice)): every
+    # distinct answer after <s>, up to 32 answers sharing a row. encode(answer): the tokens an answer gets after a
+    # word boundary (SentencePiece would make the leading space of " answer" a piece of its own; lm-eval's HF
+    # tokenizer does not)
     answers = sorted({c for it in items for c in task.choices(it)})
+    groups = [[Sequence([], tok.encode(a), meta={"answer": a}) for a in answers[i:i + 32]]
+              for i in range(0, len(answers), 32)]
     prior = {}
-    if answers:
-        # encode(answer): the tokens the answer gets after a word boundary (SentencePiece would turn the leading
-        # space of " answer" into a piece of its own; lm-eval's HF tokenizer does not)
-        group = [Sequence([], tok.encode(a), meta={"answer": a}) for a in answers]
-        batch, (rows, pos, labels, owner) = collate_shared([group], tok.ids.bos, tok.ids.pad, False)
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start:start + batch_size]
+        batch, (rows, pos, labels, owner) = collate_shared(chunk, tok.ids.bos, tok.ids.pad, False)
         lp = pair_logprobs(model, batch, rows, pos, labels).double().cpu().numpy()
-        prior = dict(zip(answers, np.bincount(owner, weights=lp, minlength=len(group)).tolist()))
-    return TaskScores(lls=lls, unconditional=[[prior[c] for c in task.choices(it)] for it in items], labels=[it["label"] for it in items],
+        flat = [s for g in chunk for s in g]
+        prior.update(zip((s.meta["answer"] for s in flat), np.bincount(owner, weights=lp, minlength=len(flat))))
+    return TaskScores(lls=lls, unconditional=[[float(prior[c]) for c in task.choices(it)] for it in items],
+                      labels=[it["label"] for it in items],
                       choice_chars=[[max(1, len(c)) for c in task.choices(it)] for it in items],
                       truncated_sequences=sum(1 for s in seqs if s.truncated),
                       truncated_tokens=sum(s.truncated for s in seqs))

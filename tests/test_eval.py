@@ -292,3 +292,23 @@ def test_shared_prompt_rows_score_like_separate_rows(loaded, task_dir, placement
         alone = [lp[r, start[r]:start[r] + n[r]].sum().item() for r in range(len(seqs))]
         np.testing.assert_allclose(got[i], alone, atol=1e-4, rtol=0)
         assert max(len(s.target) for s in seqs) > 1
+
+
+def test_unconditional_answer_scores_over_many_answers(loaded):
+    """acc_mutual_info's log p(answer | <s>), packed 32 answers a row: equal to each answer scored alone."""
+    from eval.inference import target_logprobs
+    from eval.score import score_items
+
+    model, cfg, tok, _ = loaded
+    words = [f"word{i} sea whale" for i in range(40)]
+    items = [{"id": "a", "text": "Call me Ishmael.", "choices": words[:20], "label": 0},
+             {"id": "b", "text": "The sea.", "choices": words[20:], "label": 3}]
+    sc = score_items(model, tok, get_task("social_iqa"), items, [], "causal", 0, 0, 128, 128, batch_size=1)
+    for it, unc in zip(items, sc.unconditional):
+        for word, got in zip(it["choices"], unc):
+            ids = [tok.ids.bos] + tok.encode(word)
+            t = torch.tensor([ids])
+            lp = target_logprobs(model, {"tokens": t[:, :-1], "labels": t[:, 1:],
+                                         "position_ids": torch.arange(len(ids) - 1)[None],
+                                         "document_ids": torch.zeros(1, len(ids) - 1, dtype=torch.int32)})
+            assert got == pytest.approx(lp.sum().item(), abs=1e-4)
