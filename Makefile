@@ -41,6 +41,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench.preprocess_throughput
 	$(BIN)/python -m bench.batch_building
+	$(BIN)/python -m bench.eval_throughput
 
 clean:
 	rm -rf $(VENV) work
