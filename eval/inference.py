@@ -120,6 +120,11 @@ def step_mask(key_valid_BS: torch.Tensor, offset: int, n_new: int) -> AttentionM
     """Dense [B, 1, n_new, S] mask for queries at absolute positions offset..offset+n_new-1: causal, keys that are
     real tokens only; a padding query also sees itself (no empty row: dense SDPA would give NaN)."""
     S = offset + n_new
+    if bool(key_valid_BS[:, :S].all()):  # no padding: SDPA's mask-free paths (faster, same numbers)
+        if n_new == 1:
+            return AttentionMask("sdpa", None)  # one new query sees every cached key
+        if offset == 0:
+            return AttentionMask("sdpa", None, is_causal=True)
     q = torch.arange(offset, S, device=key_valid_BS.device)[:, None]
     kv = torch.arange(S, device=key_valid_BS.device)[None, :]
     allowed = (kv <= q)[None] & key_valid_BS[:, None, :S]
