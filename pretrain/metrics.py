@@ -1,5 +1,9 @@
 """Training-time reporting, hung off the loop as one callback object: console lines, a progress bar,
-TensorBoard and a metrics.jsonl file (one JSON object per step or validation), all on rank 0 only."""
+TensorBoard and a metrics.jsonl file (one JSON object per step or validation), all on rank 0 only.
+
+Console lines read well without a terminal too (make, SLURM, CI logs): each step line carries step N/total,
+elapsed time, ETA and tokens seen; `close()` prints a summary (steps, time, tokens, last validation perplexity,
+last checkpoint). Every console line is also appended to RUN/train.log."""
 from __future__ import annotations
 
 import json
@@ -15,11 +19,18 @@ class Reporter:
         self.log_interval = max(1, log_interval)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.bar = self.tb = None
+        self.total, self.start_step = total_steps, start_step
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self.last_valid: dict = {}
+        self.last_checkpoint = ""
+        self.last_step = start_step
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         self._truncate_after(start_step)
         self.file = open(self.path, "a")
+        self.logfile = open(os.path.join(run_dir, "train.log"), "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -34,8 +45,16 @@ class Reporter:
         """A resumed run rewrites history after its checkpoint: drop records of steps > step."""
         if not os.path.exists(self.path):
             return
+        keep = []
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line torn by a kill during a write: dropped
+                    print(f"warning: {self.path}: dropping a torn line ({line[:40]!r}...)", file=sys.stderr)
+                    continue
+                if rec.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
         with open(self.path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.path + ".tmp", self.path)
@@ -43,14 +62,21 @@ class Reporter:
     def log(self, msg: str) -> None:
         if not self.enabled:
             return
+        self.logfile.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        self.logfile.flush()
+        if msg.startswith("saved checkpoint "):
+            self.last_checkpoint = msg[len("saved checkpoint "):]
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
         else:
             print(msg, flush=True)
 
-    def step(self, step: int, m: dict) -> None:
+    def step(self, step: int, m: dict, tokens: int = 0) -> None:
+        """m: the step's metrics; tokens: tokens this step consumed (all ranks)."""
         if not self.enabled:
             return
+        self.tokens += tokens
+        self.last_step = step
         self.file.write(json.dumps({"step": step, **m}) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -62,8 +88,12 @@ class Reporter:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", refresh=False)
         if step % self.log_interval == 0:
             extra = f" | mfu {m['mfu']:.1%}" if "mfu" in m else ""
-            self.log(f"step {step:6d} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm {m['grad_norm']:.3f} | "
-                     f"{m['tokens_per_s']:,.0f} tokens/s | skipped {m['skipped']}{extra}")
+            elapsed = time.perf_counter() - self.t0
+            done = step - self.start_step
+            eta = elapsed / done * (self.total - step) if done else float("nan")
+            self.log(f"step {step:6d}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm "
+                     f"{m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tokens/s | skipped {m['skipped']}{extra} | "
+                     f"tokens {self.tokens / 1e6:.2f}M | elapsed {_hms(elapsed)} | eta {_hms(eta)}")
 
     def valid(self, step: int, metrics: dict) -> None:
         """metrics: valid_loss / valid_ppl (causal-LM view) and, for semi-causal runs, valid_sclm_loss / _ppl."""
@@ -75,6 +105,7 @@ class Reporter:
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k.replace("valid_", "valid/", 1), v, step)
+        self.last_valid = dict(metrics, step=step)
         line = f"step {step:6d} | validation loss {metrics['valid_loss']:.4f} | perplexity {metrics['valid_ppl']:.2f}"
         if "valid_sclm_loss" in metrics:
             line += f" | semi-causal objective {metrics['valid_sclm_loss']:.4f}"
@@ -93,10 +124,24 @@ class Reporter:
         self.log(f"step {step:6d} | downstream acc | " + " | ".join(parts))
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file.closed:
             return
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        valid = (f"validation perplexity {self.last_valid['valid_ppl']:.2f} at step {self.last_valid['step']}"
+                 if self.last_valid else "no validation")
+        self.log(f"summary: steps {self.start_step}->{self.last_step} of {self.total} in "
+                 f"{_hms(time.perf_counter() - self.t0)} | {self.tokens / 1e6:.2f}M tokens this run | {valid} | "
+                 f"last checkpoint {self.last_checkpoint or 'none this run'}")
         if self.tb is not None:
             self.tb.close()
         self.file.close()
+        self.logfile.close()
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):  # nan: not known yet
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

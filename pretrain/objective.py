@@ -9,7 +9,8 @@ Choices:
   else [w+c, w+L). Spans never cross a document end and never include position 0 or the tail window.
 - Loss rule (paper Eq. 1; targets aligned to inputs, target at p is x[p+1]): loss_mask[p] = 0 for p in [s, e-2].
   p = s-1 still predicts x[s] (the first span token, from causal context) and p = e-1 predicts the token after the
-  span. The public descendant code masks [s-1, e-2] instead (trains x[e-1] from slot e-2, which already saw it).
+  span. The public descendant code masks [s-1, e-3] instead, in these input-aligned terms (trains x[e-1] from
+  slot e-2, which already saw it, and never trains x[s]).
 - All spans of a sample are packed in one encoder row of static length `enc_len`: positions restart per span,
   `enc_segments` holds the span id (-1 on padding) for the block-diagonal bidirectional mask.
 - Dock pairs map encoder position j to decoder slot s + (j - span start); `collate` flattens them over the batch,

@@ -350,7 +350,8 @@ def setup(cfg: TrainConfig) -> Run:
                    cfg.logging.tensorboard, cfg.logging.progress_bar, enabled=rank == 0)
     rep.log(f"model: {cfg.model.param_count()['total'] / 1e6:.1f}M parameters | world {world} (dp {dp}, "
             f"tp {cfg.parallel.tp}, pp {cfg.parallel.pp}) | {cfg.parallel.deepspeed} | {cfg.parallel.precision} | "
-            f"data mode {data_mode(cfg)} | train samples {len(train_ds):,}")
+            f"data mode {data_mode(cfg)} | train samples {len(train_ds):,} | global batch "
+            f"{cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp} x {cfg.data.seq_length} tokens")
     # The global sample order is fixed; this rank reads its slice of each global micro-step.
     batches = iter(MicroBatches(train_ds, cfg.parallel.micro_batch, state.consumed_samples,
                                 parallel_state.get_data_parallel_rank(), dp))
@@ -417,12 +418,13 @@ def train(cfg: TrainConfig) -> dict:
     wd = Watchdog(cfg.run_dir, dist.get_rank(), dist.get_world_size(), cfg.parallel.step_timeout_s,
                   cfg.parallel.step_timeout_floor_s)
     last: dict = {}
+    step_tokens = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_world() * cfg.data.seq_length
     try:
         while state.step < cfg.schedule.train_steps:
             wd.enter("train step", state.step + 1)
             last = timed_step(run)
             wd.step_done(last["step_s"])
-            rep.step(state.step, last)
+            rep.step(state.step, last, tokens=step_tokens)
             if every(cfg.logging.eval_interval, state.step):
                 wd.enter("evaluation", state.step)
                 if run.valid_ds:
@@ -494,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
+    if args.generate and uses_pipeline(cfg) and dist.get_rank() == 0:
+        print("--generate skipped: not available under pipeline parallelism (the stages hold different layers); "
+              "generate from the checkpoint with python -m eval.generate --model RUN_DIR", file=sys.stderr)
     if args.generate and "engine" in result and not uses_pipeline(cfg):
         from eval.generate import generate
 
