@@ -1,1 +1,3 @@
-"""Evaluation: generation (here), perplexity and later few-shot / finetuning / vision-language evaluation."""
+"""Using a trained model: labelled-task scoring (zero/few-shot, causal or encoder placement), perplexity, KV-cached
+generation, reports, in-loop downstream scoring, the lm-evaluation-harness bridge; one inference seam
+(eval/inference.py) under all of them."""
