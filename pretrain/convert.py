@@ -243,6 +243,9 @@ def read_consolidated(path: str) -> tuple[object, dict, dict]:
     info = json.load(open(meta))
     if info.get("format") != FORMAT:
         raise ConvertError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}")
+    for name in ("config.yaml", "model.safetensors"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ConvertError(f"{path}: {name} is missing (an incomplete copy of a consolidated directory?)")
     cfg = load_config(os.path.join(path, "config.yaml"))
     return cfg, {k: v.float() for k, v in load_file(os.path.join(path, "model.safetensors")).items()}, info
 

@@ -88,6 +88,11 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int) -> dict:
         if key in ds:
             raise ConfigError(f"parallel.deepspeed: the JSON has a {key!r} section; the trainer owns the optimizer "
                               "and LR schedule (see ds_configs/README.md)")
+    for key in ("bf16", "fp16"):  # precision is the training config's: a JSON that says otherwise is refused
+        said = ds.get(key, {}).get("enabled", "auto")
+        if said != "auto" and bool(said) != (p.precision == key):
+            raise ConfigError(f"parallel.deepspeed: {key}.enabled={said} in the DeepSpeed JSON disagrees with "
+                              f"parallel.precision={p.precision}; remove it or set it to \"auto\"")
     ds.update(ours)
     ds["bf16"] = {"enabled": p.precision == "bf16"}
     ds["fp16"] = {"enabled": p.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16}

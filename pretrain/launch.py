@@ -58,23 +58,32 @@ def torchrun_command(args, train_args: Sequence[str]) -> list[str]:
     if args.rdzv_endpoint:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
     elif args.nnodes > 1:
-        cmd += [f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
+        cmd += [f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr or '127.0.0.1'}",
                 f"--master-port={args.master_port}"]
     else:
-        cmd += ["--standalone"] if args.master_port == 0 else [f"--master-addr={args.master_addr}",
+        cmd += ["--standalone"] if args.master_port == 0 else [f"--master-addr={args.master_addr or '127.0.0.1'}",
                                                                 f"--master-port={args.master_port}"]
     if args.max_restarts:
         cmd.append(f"--max-restarts={args.max_restarts}")
     return cmd + ["-m", TRAIN_MODULE, *train_args]
 
 
+def deepspeed_runner() -> str | None:
+    """DeepSpeed's `deepspeed` runner: the one installed beside this interpreter first (a venv used without being
+    activated), then PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return beside if os.access(beside, os.X_OK) else shutil.which("deepspeed")
+
+
 def deepspeed_command(args, train_args: Sequence[str]) -> list[str]:
-    exe = shutil.which("deepspeed")
+    exe = deepspeed_runner()
     if exe is None:
-        raise SystemExit("error: the deepspeed launcher is not on PATH (pip install deepspeed)")
-    return [exe, f"--hostfile={args.hostfile}", f"--num_gpus={args.nproc_per_node}",
-            f"--master_addr={args.master_addr}", f"--master_port={args.master_port or 29500}",
-            "--module", TRAIN_MODULE, *train_args]
+        raise SystemExit(f"error: DeepSpeed's `deepspeed` runner is neither beside {sys.executable} nor on PATH "
+                         "(pip install deepspeed)")
+    # the master address comes from the hostfile (its first host) unless given: never force a loopback address
+    addr = [f"--master_addr={args.master_addr}"] if args.master_addr else []
+    return [exe, f"--hostfile={args.hostfile}", f"--num_gpus={args.nproc_per_node}", *addr,
+            f"--master_port={args.master_port or 29500}", "--module", TRAIN_MODULE, *train_args]
 
 
 def slurm_script(args, train_args: Sequence[str]) -> str:
@@ -108,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1)
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-addr", default="", help="rendezvous host (default: 127.0.0.1 for torchrun, the "
+                   "hostfile's first host for the deepspeed runner)")
     p.add_argument("--master-port", type=int, default=0, help="0: a free port (single node only)")
     p.add_argument("--rdzv-endpoint", default="", help="host:port of a c10d rendezvous (torchrun elastic agent)")
     p.add_argument("--rdzv-id", default="metalm")
@@ -148,8 +158,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nnodes > 1 and not args.rdzv_endpoint and args.master_port == 0:
         print("error: several nodes need --master-port (or --rdzv-endpoint)", file=sys.stderr)
         return 2
+    err = check_config(train_args, None if args.hostfile else args.nnodes * args.nproc_per_node)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     cmd = deepspeed_command(args, train_args) if args.hostfile else torchrun_command(args, train_args)
     return supervise(cmd, env, args.grace_s)
+
+
+def check_config(train_args: Sequence[str], world: int | None) -> str | None:
+    """Validate the training config once, here, before any process is spawned (otherwise every rank prints the
+    same error, followed by torchrun's traceback). Returns the error line, None when it is fine."""
+    from pretrain.config import ConfigError, load_config
+    from pretrain.train import build_parser, validate
+
+    try:
+        targs = build_parser().parse_args(list(train_args))
+    except SystemExit as e:
+        return f"bad arguments for pretrain.train (exit {e.code}): {' '.join(train_args)}"
+    try:
+        cfg = load_config(targs.config, targs.overrides)
+        if world is not None:
+            validate(cfg, world)
+    except (ConfigError, FileNotFoundError) as e:
+        return str(e)
+    return None
 
 
 def training_processes(pid: int) -> list:

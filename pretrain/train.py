@@ -47,6 +47,16 @@ class TrainState:
 def validate(cfg: TrainConfig, world: int) -> None:
     """Checks that need the world size and the files; config types/values were checked when loading."""
     p, m = cfg.parallel, cfg.model
+    for name, value in (("parallel.micro_batch", p.micro_batch), ("parallel.grad_accum", p.grad_accum),
+                        ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("schedule.train_steps", cfg.schedule.train_steps)):
+        if value < 1:
+            raise ConfigError(f"{name}={value}: must be at least 1")
+    try:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir={cfg.run_dir}: cannot be created ({e.strerror})") from None
+    if not os.access(cfg.run_dir, os.W_OK):
+        raise ConfigError(f"run_dir={cfg.run_dir}: not writable")
     if p.pp > m.decoder.layers:
         raise ConfigError(f"parallel.pp={p.pp} exceeds model.decoder.layers={m.decoder.layers}")
     if uses_pipeline(cfg) and (m.vision is not None or not m.tie_embeddings):
@@ -469,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--generate", default="", help="after training, print a greedy continuation of this prompt")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed runner; LOCAL_RANK in the environment is used
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. model.decoder.layers=8")
     return p
 
@@ -488,6 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingAborted:
+        return 3
+    except OSError as e:  # a checkpoint or log write that failed: disk full, read-only, permissions
+        print(f"error: {e.strerror or e} while writing {e.filename or 'a file'}; the last complete checkpoint is "
+              "kept", file=sys.stderr)
         return 3
     except Exception as e:  # a user-facing error from the data tools (bad dataset path, ...)
         from data_tools.cli import UserError

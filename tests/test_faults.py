@@ -229,3 +229,57 @@ def test_reporter_survives_a_torn_metrics_line_and_logs_without_a_terminal(tmp_p
     assert "steps 2->3 of 10" in summary and "perplexity 7.39 at step 3" in summary and "/x/step_00000003" in summary
     log = (tmp_path / "train.log").read_text()
     assert "step      3/10" in log and "summary:" in log
+
+
+def test_launcher_validates_once_and_finds_the_deepspeed_runner(tmp_path, tok_model, moby_prefix):
+    """A bad config fails in the launcher, before any process is spawned: one line, exit 2, no torchrun traceback."""
+    from pretrain.launch import build_parser, deepspeed_command
+
+    base = [sys.executable, "-m", "pretrain.launch", "--nproc-per-node", "2", "--", f"run_dir={tmp_path}",
+            f"data.tokenizer_model={tok_model}", f"data.data_path=[{moby_prefix}]", *SMALL]
+    for bad, says in (("parallel.micro_batch=0", "parallel.micro_batch=0: must be at least 1"),
+                      ("parallel.tp=3", "world size 2 is not divisible by tp*pp = 3"),
+                      ("run_dir=/etc/hostname/run", "run_dir=/etc/hostname/run: cannot be created")):
+        t0 = time.time()
+        r = subprocess.run(base + [bad], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
+        assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1 and "[rank" not in r.stderr
+    # the deepspeed runner: the one beside this interpreter (an unactivated venv), no forced loopback address
+    args = build_parser().parse_args(["--hostfile", "hosts", "--nproc-per-node", "8"])
+    cmd = deepspeed_command(args, ["--config", "c.yaml"])
+    assert cmd[0] == os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    assert not any(a.startswith("--master_addr") for a in cmd) and cmd[-3:] == ["pretrain.train", "--config", "c.yaml"]
+    from pretrain.train import build_parser as train_parser
+
+    assert train_parser().parse_args(["--local_rank=3", "a.b=1"]).overrides == ["a.b=1"]  # what deepspeed passes
+
+
+def test_precision_in_the_deepspeed_json_must_agree(tmp_path):
+    from pretrain.config import ConfigError, load_config
+    from pretrain.engine import deepspeed_config
+
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}))
+    with pytest.raises(ConfigError, match="bf16.enabled=True in the DeepSpeed JSON disagrees with "
+                                          "parallel.precision=fp32"):
+        deepspeed_config(load_config(None, [f"parallel.deepspeed={f}"]), 1)
+    f.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 1}}))
+    assert deepspeed_config(load_config(None, [f"parallel.deepspeed={f}", "parallel.precision=bf16"]), 1)["bf16"] == \
+        {"enabled": True}
+
+
+def test_disk_errors_while_saving_are_one_line(tmp_path, monkeypatch, capsys):
+    """A save that hits a full disk: the error names the cause and the file, exit 3, no traceback."""
+    import errno
+
+    from pretrain import train as train_mod
+
+    def full_disk(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt" / "step_00000002"))
+
+    monkeypatch.setattr(train_mod, "train", full_disk)
+    monkeypatch.setattr(train_mod, "load_config", lambda *a, **k: None)
+    rc = train_mod.main([])
+    err = capsys.readouterr().err
+    assert rc == 3 and err.startswith("error: No space left on device while writing ") and "step_00000002" in err
+    assert "last complete checkpoint is kept" in err
