@@ -91,7 +91,7 @@ def slurm_script(args, train_args: Sequence[str]) -> str:
     inner = (f"{shlex.quote(sys.executable)} -m pretrain.launch --nnodes=$SLURM_NNODES "
              f"--nproc-per-node={args.nproc_per_node} --rdzv-endpoint=$MASTER_ADDR:{args.master_port or 29500} "
              f"--rdzv-id=$SLURM_JOB_ID --grace-s={args.grace_s:g} -- {' '.join(shlex.quote(a) for a in train_args)}")
-    return "\n".join([
+    return "\n".join(line for line in [
         "#!/bin/bash",
         f"#SBATCH --job-name={args.job_name}",
         f"#SBATCH --nodes={args.nnodes}",
@@ -99,16 +99,20 @@ def slurm_script(args, train_args: Sequence[str]) -> str:
         f"#SBATCH --gpus-per-node={args.nproc_per_node}" if args.gpus else "",
         f"#SBATCH --cpus-per-task={args.cpus_per_task}",
         f"#SBATCH --time={args.time}",
+        f"#SBATCH --partition={args.partition}" if args.partition else "",
+        f"#SBATCH --account={args.account}" if args.account else "",
+        "#SBATCH --requeue" if args.requeue else "",
         f"#SBATCH --signal=TERM@{int(args.grace_s) + 60}",
         "#SBATCH --output=%x-%j.out",
         "set -euo pipefail",
-        f"cd {shlex.quote(root)}",
+        "# paths in the arguments are relative to where the job was submitted; the code is found through PYTHONPATH",
+        'cd "${SLURM_SUBMIT_DIR:-$PWD}"',
+        "# a requeued job (preemption, --requeue) resumes from the newest complete checkpoint (checkpoint.resume=auto)",
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f"export PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}}",
         "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
         f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}",
-        "",
-    ])
+    ] if line) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "unless --print)")
     p.add_argument("--print", action="store_true", help="with --slurm: print the script instead of submitting")
     p.add_argument("--job-name", default="metalm")
-    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--time", default="24:00:00", help="with --slurm: the job's time limit")
+    p.add_argument("--partition", default="", help="with --slurm: #SBATCH --partition")
+    p.add_argument("--account", default="", help="with --slurm: #SBATCH --account")
+    p.add_argument("--requeue", action="store_true", help="with --slurm: #SBATCH --requeue (resumes on requeue)")
     p.add_argument("--cpus-per-task", type=int, default=32)
     p.add_argument("--gpus", action="store_true", help="with --slurm: request --nproc-per-node GPUs per node")
     p.add_argument("--grace-s", type=float, default=120.0, help="seconds the workers get to save and exit after "
@@ -148,10 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print:
             print(script)
             return 0
+        err = check_config(train_args, args.nnodes * args.nproc_per_node)  # before anything is queued
+        if err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        sbatch = shutil.which("sbatch")
+        if sbatch is None:
+            print("error: sbatch is not installed here (not a SLURM login node?); use --print to get the script",
+                  file=sys.stderr)
+            return 2
         path = f"{args.job_name}.sbatch"
         with open(path, "w") as f:
             f.write(script)
-        return subprocess.call(["sbatch", path])
+        return subprocess.call([sbatch, path])
     import torch
 
     env = worker_env(args.nproc_per_node, torch.cuda.is_available())

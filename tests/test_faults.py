@@ -283,3 +283,35 @@ def test_disk_errors_while_saving_are_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 3 and err.startswith("error: No space left on device while writing ") and "step_00000002" in err
     assert "last complete checkpoint is kept" in err
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_under_fake_slurm(tmp_path, tok_model, moby_prefix):
+    """The generated batch script, run by shims of sbatch / scontrol / srun, trains from the submit directory with a
+    config path relative to it; without sbatch: one line, exit 2, no leftover script."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shims = {"sbatch": 'export SLURM_JOB_ID=77 SLURM_NNODES=1 SLURM_JOB_NODELIST=node1 SLURM_SUBMIT_DIR="$PWD"\n'
+                       'exec bash "$1"',  # runs the job at once, in the foreground
+             "scontrol": "echo 127.0.0.1",
+             "srun": 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"'}
+    for name, body in shims.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    (submit / "exp.yaml").write_text("schedule:\n  train_steps: 2\n")
+    args = [sys.executable, "-m", "pretrain.launch", "--slurm", "--nproc-per-node", "2", "--master-port",
+            str(free_port()), "--grace-s", "10", "--", "--config", "exp.yaml", "run_dir=runs/exp",
+            f"data.tokenizer_model={tok_model}", f"data.data_path=[{moby_prefix}]",
+            *[o for o in SMALL if not o.startswith("schedule.")]]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=submit, timeout=300,
+                       env=dict(env(), PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (submit / "metalm.sbatch").exists() and (submit / "runs" / "exp" / "checkpoints" / "latest").exists()
+    assert sorted(losses(submit / "runs" / "exp")) == [1, 2]
+    os.remove(submit / "metalm.sbatch")
+    path = ":".join(p for p in os.environ["PATH"].split(":") if not os.path.exists(os.path.join(p, "sbatch")))
+    r = subprocess.run(args, capture_output=True, text=True, cwd=submit, timeout=120, env=dict(env(), PATH=path))
+    assert r.returncode == 2 and "sbatch is not installed" in r.stderr and "Traceback" not in r.stderr
+    assert not (submit / "metalm.sbatch").exists()
