@@ -31,7 +31,7 @@ class ModelLoadError(ValueError):
 def load_model(path: str):
     """(model, cfg, tokenizer, info) from a consolidated directory or a DeepSpeed checkpoint of pretrain.train."""
     from data_tools.tokenizer import Tokenizer
-    from pretrain.convert import ConvertError, load_into, read_checkpoint, read_consolidated
+    from pretrain.convert import ConvertError, load_into, read_checkpoint, read_consolidated, resolve_tokenizer
     from pretrain.parallel import init_distributed, init_model_parallel
 
     if not os.path.isdir(path):
@@ -46,7 +46,7 @@ def load_model(path: str):
                 raise ModelLoadError(f"{path}: neither a consolidated model (metalm.json) nor a run / checkpoint "
                                      "directory of pretrain.train (latest, COMPLETE)")
             cfg, sd, info = read_checkpoint(ckpt)
-            tok_path = cfg.data.tokenizer_model
+            tok_path = resolve_tokenizer(cfg)
         init_distributed("gloo")
         init_model_parallel(1, 1)
         from pretrain.model.metalm import MetaLM

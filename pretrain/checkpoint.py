@@ -91,13 +91,14 @@ def save(engine, ckpt_dir: str, step: int, extra: dict, config_yaml: str, keep_l
 
 
 def manifest(tag_dir: str) -> dict[str, int]:
-    """Size of every file of a checkpoint (relative path -> bytes), the COMPLETE marker excluded."""
+    """Size of every file of a checkpoint (relative path -> bytes), except the COMPLETE marker and config.yaml (a
+    human-editable copy of the config: editing it must not make the checkpoint look damaged)."""
     out = {}
     for dirpath, _, files in os.walk(tag_dir):
         for name in files:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, tag_dir)
-            if rel != COMPLETE and not name.endswith(".tmp"):
+            if rel not in (COMPLETE, "config.yaml") and ".tmp" not in name:
                 out[rel] = os.path.getsize(path)
     return dict(sorted(out.items()))
 

@@ -170,6 +170,16 @@ def read_checkpoint(path: str) -> tuple[object, dict, dict]:
     return cfg, sd, {"source": tag_dir, "read_from": source, **extra}
 
 
+def resolve_tokenizer(cfg, override: str = "") -> str:
+    """The tokenizer model of a checkpoint: `override` (--tokenizer-model) if given, else the path saved in its config
+    (absolute since runs save resolved paths; older runs saved it as given, relative to the training directory)."""
+    path = override or cfg.data.tokenizer_model
+    if not path or not os.path.isfile(path):
+        raise ConvertError(f"tokenizer model {path!r} (from the checkpoint's config) not found from {os.getcwd()}; "
+                           "pass --tokenizer-model PATH")
+    return path
+
+
 # ---------------------------------------------------------------- the consolidated format
 def _write_dir(out: str, write) -> str:
     """Run write(tmp_dir), then rename tmp_dir to out (replacing an older out); nothing partial is left."""
@@ -447,14 +457,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--checkpoint", required=True, help="a checkpoint tag dir, or RUN/checkpoints (uses latest)")
     c.add_argument("--out", required=True)
     c.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    c.add_argument("--tokenizer-model", default="", help="override the tokenizer path saved in the run's config")
     r = sub.add_parser("reshard", help="checkpoint -> weights + step + data position, for "
                                       "checkpoint.init_from at another TP/PP/DP layout")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--tokenizer-model", default="", help="override the tokenizer path saved in the run's config")
     e = sub.add_parser("export-hf", help="consolidated dir (or checkpoint) -> LlamaForCausalLM directory")
     e.add_argument("--model", required=True, help="a consolidated dir, or a checkpoint (consolidated first)")
     e.add_argument("--out", required=True)
     e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    e.add_argument("--tokenizer-model", default="", help="with a checkpoint: override the tokenizer path saved in "
+                   "the run's config")
     i = sub.add_parser("import-hf", help="LlamaForCausalLM directory -> consolidated dir")
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
@@ -467,15 +481,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd in ("consolidate", "reshard"):
             cfg, sd, info = read_checkpoint(args.checkpoint)
             info["resume_position"] = args.cmd == "reshard"  # the trainer then keeps step and data position
-            out = write_consolidated(args.out, cfg, sd, cfg.data.tokenizer_model, info,
+            out = write_consolidated(args.out, cfg, sd, resolve_tokenizer(cfg, args.tokenizer_model), info,
                                      getattr(args, "dtype", "fp32"))
             print(f"wrote {out} ({len(sd)} tensors from {info['read_from']}, step {info.get('step', '?')})")
         elif args.cmd == "export-hf":
             src = args.model
-            if not os.path.isfile(os.path.join(src, "metalm.json")):
+            if os.path.isfile(os.path.join(src, "metalm.json")):
+                print(f"wrote {export_hf(src, args.out, args.dtype)}")
+            else:  # a checkpoint: consolidated into a temporary directory first, removed afterwards
+                import tempfile
+
                 cfg, sd, info = read_checkpoint(src)
-                src = write_consolidated(args.out + ".consolidated", cfg, sd, cfg.data.tokenizer_model, info)
-            print(f"wrote {export_hf(src, args.out, args.dtype)}")
+                with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.out)) or None) as tmp:
+                    cons = write_consolidated(os.path.join(tmp, "consolidated"), cfg, sd,
+                                              resolve_tokenizer(cfg, args.tokenizer_model), info)
+                    print(f"wrote {export_hf(cons, args.out, args.dtype)}")
         else:
             print(f"wrote {import_hf(args.hf, args.out, args.encoder_preset)}")
     except ConvertError as e:

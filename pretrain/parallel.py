@@ -80,7 +80,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     else:
-        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's sanity check wants it even for one process
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(seconds=timeout_s))
 
@@ -88,6 +87,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
 def init_deepspeed_comm(backend: str | None = None) -> None:
     """DeepSpeed's comm layer over the already-initialised torch.distributed group."""
     apply_cpu_shim()
+    # DeepSpeed's sanity check wants LOCAL_RANK even for one process; set here, where DeepSpeed is used, rather than
+    # for every one-process group (a model loaded for evaluation must not leave it in the caller's environment)
+    os.environ.setdefault("LOCAL_RANK", "0")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))

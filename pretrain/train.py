@@ -90,6 +90,29 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise ConfigError("data.mode=sclm needs model.encoder (a GPT baseline trains with data.mode=gpt)")
 
 
+def absolute_paths(cfg: TrainConfig) -> None:
+    """Resolve the file paths of the config against the current directory, so the config saved with the run and its
+    checkpoints still points at them from anywhere (conversion, evaluation, resume from another directory)."""
+    d = cfg.data
+    d.tokenizer_model = os.path.abspath(d.tokenizer_model)
+    d.data_path = [p if not isinstance(p, str) or _is_number(p) else os.path.abspath(p) for p in d.data_path]
+    if d.cache_dir:
+        d.cache_dir = os.path.abspath(d.cache_dir)
+    if cfg.checkpoint.init_from:
+        cfg.checkpoint.init_from = os.path.abspath(cfg.checkpoint.init_from)
+    if cfg.logging.downstream_tasks:
+        cfg.logging.downstream_data = os.path.abspath(cfg.logging.downstream_data)
+    cfg.run_dir = os.path.abspath(cfg.run_dir)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
 def uses_pipeline(cfg: TrainConfig) -> bool:
     return cfg.parallel.pp > 1 or cfg.parallel.pipeline_engine
 
@@ -314,6 +337,7 @@ def setup(cfg: TrainConfig) -> Run:
     init_distributed(timeout_s=cfg.parallel.timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     validate(cfg, world)
+    absolute_paths(cfg)
     init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
     seed_everything(cfg.seed)
     import yaml

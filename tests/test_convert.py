@@ -210,3 +210,35 @@ def test_lm_eval_on_local_task_matches_our_scores(trained, tmp_path, moby_jsonl)
         np.testing.assert_allclose(ours, theirs, atol=1e-3)
         correct += int(np.argmax(ours) == s["target"])
     assert res["results"]["moby_mc"]["acc,none"] == pytest.approx(correct / 12)
+
+
+def test_paths_resolve_from_anywhere(trained, tmp_path, tok_model):
+    """Runs save absolute paths; an older run's relative tokenizer path gives a clear error and --tokenizer-model
+    overrides it; export-hf from a checkpoint leaves no intermediate directory."""
+    import yaml
+
+    from pretrain.config import load_config
+    from pretrain.train import absolute_paths
+
+    cfg = load_config(None, ["data.tokenizer_model=tok/spm.model", "data.data_path=[0.5, a/b, 0.5, /c/d]",
+                             "run_dir=runs/x"])
+    absolute_paths(cfg)
+    assert cfg.data.tokenizer_model == os.path.abspath("tok/spm.model") and cfg.run_dir == os.path.abspath("runs/x")
+    assert cfg.data.data_path == [0.5, os.path.abspath("a/b"), 0.5, "/c/d"]
+    run, _ = trained
+    old = tmp_path / "old"
+    shutil.copytree(run / "checkpoints", old)
+    tag = old / open(old / "latest").read()
+    saved = yaml.safe_load(open(tag / "config.yaml"))
+    assert os.path.isabs(saved["data"]["tokenizer_model"])
+    saved["data"]["tokenizer_model"] = "work/tok/spm.model"  # as runs saved it before: relative to their cwd
+    yaml.safe_dump(saved, open(tag / "config.yaml", "w"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cmd = [sys.executable, "-m", "pretrain.convert", "export-hf", "--model", str(old), "--out", str(elsewhere / "hf")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=elsewhere, timeout=300)
+    assert r.returncode == 2 and "pass --tokenizer-model" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["--tokenizer-model", tok_model], capture_output=True, text=True, env=env(),
+                       cwd=elsewhere, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(elsewhere)) == ["hf"]  # no hf.consolidated left behind
