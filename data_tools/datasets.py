@@ -37,7 +37,7 @@ class DataConfig:
     mode: str = "sclm"
     span_length: int = 128
     span_coverage: float = 0.25
-    max_spans: int = 16
+    max_spans: int = 0  # 0: no cap (pretrain/objective.py SpanConfig)
     reset_position_ids: bool = False
     cache_dir: str | None = None  # default: <first dataset's directory>/index-cache
 
@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-path", nargs="+", required=True, help="prefix, or weight/prefix pairs (Megatron style)")
     p.add_argument("--tokenizer-model", required=True)
     p.add_argument("--seq-length", type=int, default=2048)
-    p.add_argument("--split", default="969,30,1")
+    p.add_argument("--split", default="98,2,0", help="train,valid,test weights (by documents; Megatron style)")
     p.add_argument("--mode", choices=["sclm", "gpt"], default="sclm")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--train-samples", type=int, default=1000)

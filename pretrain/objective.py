@@ -31,7 +31,8 @@ import numpy as np
 class SpanConfig:
     span_length: int = 128  # L
     coverage: float = 0.25  # p
-    max_spans: int = 16  # cap on spans per sample (static shapes)
+    max_spans: int = 0  # optional cap on spans per sample; 0 = none beyond the candidate windows (a cap below their
+    # count would lower the coverage silently: T=8192, L=128 has 62 windows)
     min_tokens_after_eod: int = 20
 
     def __post_init__(self):
@@ -39,8 +40,8 @@ class SpanConfig:
             raise ValueError(f"span_length must be >= 2, got {self.span_length}")
         if not 0.0 < self.coverage < 1.0:
             raise ValueError(f"coverage must be in (0, 1), got {self.coverage}")
-        if self.max_spans < 1:
-            raise ValueError(f"max_spans must be >= 1, got {self.max_spans}")
+        if self.max_spans < 0:
+            raise ValueError(f"max_spans must be >= 0 (0: no cap), got {self.max_spans}")
 
     def encoder_length(self, seq_length: int) -> int:
         """Static encoder row length: the most span tokens sampling can produce, rounded up to a multiple of 64."""
@@ -71,7 +72,7 @@ def sample_spans(doc_end: np.ndarray, cfg: SpanConfig, rng: np.random.Generator,
     spans: list[tuple[int, int]] = []
     covered = 0
     for k in order:
-        if covered > limit or len(spans) >= cfg.max_spans:
+        if covered > limit or (cfg.max_spans and len(spans) >= cfg.max_spans):
             break
         w = int(windows[k])
         n_ends = ends_before[w + L] - ends_before[w]

@@ -144,3 +144,17 @@ def test_reset_position_ids():
     s = build_sample(np.arange(T + 1), doc_ids, 0, SampleConfig(seq_length=T, mode="gpt", reset_position_ids=True))
     np.testing.assert_array_equal(s["position_ids"][:100], np.arange(100))
     np.testing.assert_array_equal(s["position_ids"][100:200], np.arange(100))
+
+
+def test_long_sequences_keep_their_coverage():
+    """No default cap on the span count: at T=8192, L=128 (62 candidate windows) coverage stays ~p."""
+    import numpy as np
+
+    from pretrain.objective import SpanConfig, sample_rng, sample_spans
+
+    cfg = SpanConfig(span_length=128, coverage=0.25)
+    cov = [sum(e - s for s, e in sample_spans(np.zeros(8192, dtype=bool), cfg, sample_rng(1, i))) / 8191
+           for i in range(20)]
+    assert min(cov) >= 0.25  # sampling stops only once coverage exceeds p (the last span may overshoot)
+    capped = SpanConfig(span_length=128, coverage=0.25, max_spans=16)
+    assert max(len(sample_spans(np.zeros(8192, dtype=bool), capped, sample_rng(1, i))) for i in range(20)) == 16
