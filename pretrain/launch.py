@@ -241,7 +241,21 @@ def _die_with_parent() -> None:
 
 
 def supervise(cmd: Sequence[str], env: dict, grace_s: float) -> int:
-    """Run torchrun (or the deepspeed launcher) in its own session and own the grace period (module docstring)."""
+    """Run torchrun (or the deepspeed launcher) in its own session and own the grace period (module docstring).
+    Exits with the workers' own status when one reported it (pretrain.train.report_exit), else torchrun's."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="metalm-status-") as status_dir:
+        rc = _supervise(cmd, dict(env, METALM_STATUS_DIR=status_dir), grace_s)
+        codes = [int(open(os.path.join(status_dir, f)).read() or 0) for f in sorted(os.listdir(status_dir))]
+    if rc != 0 and codes:
+        rc = max(codes)
+    if rc != 0:
+        print(f"error: training failed (exit status {rc}); the report above names the failed rank", file=sys.stderr)
+    return rc
+
+
+def _supervise(cmd: Sequence[str], env: dict, grace_s: float) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     st = {"signal": None, "deadline": None, "why": ""}
 
@@ -296,9 +310,7 @@ def supervise(cmd: Sequence[str], env: dict, grace_s: float) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if rc != 0:
-        print(f"error: training failed (exit status {rc}); the report above names the failed rank", file=sys.stderr)
-    elif st["signal"]:
+    if rc == 0 and st["signal"]:
         _say(f"the workers saved and exited after {st['signal']}")
     return rc
 

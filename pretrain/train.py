@@ -509,7 +509,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_exit(code: int) -> int:
+    """Leave this rank's exit status where pretrain.launch looks (METALM_STATUS_DIR), so the launcher can exit with
+    the workers' own status (2 config, 3 stopped, 4 watchdog) instead of torchrun's generic 1."""
+    status_dir = os.environ.get("METALM_STATUS_DIR")
+    if status_dir and code:
+        try:
+            with open(os.path.join(status_dir, f"rank_{os.environ.get('RANK', '0')}"), "w") as f:
+                f.write(str(code))
+        except OSError:
+            pass
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    return report_exit(_main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -125,4 +125,6 @@ class Watchdog:
         except OSError:
             pass
         print(msg, file=sys.stderr, flush=True)
-        os._exit(EXIT_WATCHDOG)
+        from pretrain.train import report_exit
+
+        os._exit(report_exit(EXIT_WATCHDOG))

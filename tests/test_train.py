@@ -162,7 +162,7 @@ def test_nan_loss_skipped_then_k_in_a_row_stops(tmp_path, tok_model, moby_prefix
     assert last["skipped"] == 1
     r = launch(tmp_path / "many", tok_model, moby_prefix, "fault_injection={nan_at_steps: [3], nan_count: 3}", "max_bad_steps=3",
                "checkpoint.save_interval=2", nproc=2, steps=6, check=False)
-    assert r.returncode != 0
+    assert r.returncode == 3  # the worker's own status, through torchrun and the launcher
     assert "3 non-finite losses in a row" in r.stdout + r.stderr
     assert open(tmp_path / "many" / "checkpoints" / "latest").read() == "step_00000002"
 
