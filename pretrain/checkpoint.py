@@ -119,6 +119,47 @@ def damage(tag_dir: str) -> str | None:
     return None
 
 
+def marker(tag_dir: str) -> dict:
+    """The COMPLETE marker's content (JSON since manifests; older markers are `key value` lines)."""
+    text = open(os.path.join(tag_dir, COMPLETE)).read()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {k: v for k, _, v in (line.partition(" ") for line in text.splitlines() if line)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def layout_mismatch(tag_dir: str, cfg_dict: dict, world: int) -> str | None:
+    """Why this run cannot resume from tag_dir as it is (another model shape, TP/PP layout, world size or
+    DeepSpeed config): the differing fields, one line; None when they agree."""
+    import yaml
+
+    saved_path = os.path.join(tag_dir, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return None
+    saved = yaml.safe_load(open(saved_path))
+    free = {"model.attention_backend", "model.activation_checkpointing", "model.document_mask", "model.init_std",
+            "model.max_seq_length"}  # change freely on resume: no parameter or optimizer state depends on them
+    keys = [k for k in _flat(cfg_dict.get("model", {}), "model.") if k not in free] + \
+        ["parallel.tp", "parallel.pp", "parallel.deepspeed", "parallel.pipeline_engine"]
+    mine, theirs = _flat(cfg_dict), _flat(saved)
+    diff = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in keys if k in theirs and theirs.get(k) != mine.get(k)]
+    saved_world = marker(tag_dir).get("world_size")
+    if saved_world is not None and int(saved_world) != world:
+        diff.append(f"world size: {saved_world} -> {world}")
+    if not diff:
+        return None
+    return (f"{tag_dir} was written by another model or layout ({'; '.join(diff[:6])}"
+            f"{'; ...' if len(diff) > 6 else ''}); to continue it elsewhere: python -m pretrain.convert reshard "
+            f"--checkpoint {tag_dir} --out DIR, then checkpoint.init_from=DIR (or use another run_dir)")
+
+
 def complete_tags(ckpt_dir: str) -> list[str]:
     if not os.path.isdir(ckpt_dir):
         return []

@@ -167,7 +167,11 @@ def read_checkpoint(path: str) -> tuple[object, dict, dict]:
     sd = {k: v for k, v in sd.items() if not k.endswith("._extra_state")}  # megatron's (empty) TE hook state
     extra_path = os.path.join(tag_dir, "extra", "rank_0.pt")
     extra = torch.load(extra_path, weights_only=False)["state"] if os.path.isfile(extra_path) else {}
-    return cfg, sd, {"source": tag_dir, "read_from": source, **extra}
+    from pretrain.checkpoint import marker
+
+    world = marker(tag_dir).get("world_size")
+    return cfg, sd, {"source": tag_dir, "read_from": source, **extra,
+                     **({"world_size": int(world)} if world is not None else {})}
 
 
 def resolve_tokenizer(cfg, override: str = "") -> str:

@@ -196,6 +196,13 @@ def check_config(train_args: Sequence[str], world: int | None) -> str | None:
         cfg = load_config(targs.config, targs.overrides)
         if world is not None:
             validate(cfg, world)
+            from pretrain import checkpoint
+            from pretrain.config import config_to_dict
+
+            resume = checkpoint.find_resume(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.resume,
+                                            log=lambda *a, **k: None)
+            if resume and (why := checkpoint.layout_mismatch(resume, config_to_dict(cfg), world)):
+                return f"checkpoint.resume: {why}"
     except (ConfigError, FileNotFoundError) as e:
         return str(e)
     return None

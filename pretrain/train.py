@@ -169,6 +169,15 @@ def init_weights(cfg: TrainConfig, model) -> TrainState | None:
     load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,
               pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0)
     if info.get("resume_position") and "step" in info:
+        p, q = cfg.parallel, src_cfg.parallel
+        world = dist.get_world_size()
+        new_gb = p.micro_batch * p.grad_accum * world // (p.tp * p.pp)
+        old_gb = (q.micro_batch * q.grad_accum * int(info["world_size"]) // (q.tp * q.pp)
+                  if info.get("world_size") else None)
+        if old_gb is not None and old_gb != new_gb and dist.get_rank() == 0:
+            print(f"warning: the global batch changes from {old_gb} to {new_gb} samples at step {info['step']}: the "
+                  f"data continues after sample {info['consumed_samples']}, the LR schedule by steps (so each step "
+                  "now sees a different number of samples)", file=sys.stderr)
         return TrainState(step=int(info["step"]), consumed_samples=int(info["consumed_samples"]),
                           skipped=int(info.get("skipped", 0)))
     return None
@@ -364,6 +373,8 @@ def setup(cfg: TrainConfig) -> Run:
     ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
     say = print if rank == 0 else (lambda *a, **k: None)
     resume_from = checkpoint.find_resume(ckpt_dir, cfg.checkpoint.resume, log=say)
+    if resume_from and (why := checkpoint.layout_mismatch(resume_from, config_to_dict(cfg), world)):
+        raise ConfigError(f"checkpoint.resume: {why}")
     state = TrainState()
     if resume_from is None and cfg.checkpoint.init_from:
         state = init_weights(cfg, model) or state

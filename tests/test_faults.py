@@ -315,3 +315,27 @@ def test_slurm_script_runs_under_fake_slurm(tmp_path, tok_model, moby_prefix):
     r = subprocess.run(args, capture_output=True, text=True, cwd=submit, timeout=120, env=dict(env(), PATH=path))
     assert r.returncode == 2 and "sbatch is not installed" in r.stderr and "Traceback" not in r.stderr
     assert not (submit / "metalm.sbatch").exists()
+
+
+def test_resume_with_another_shape_or_layout_is_one_line(tmp_path, tok_model, moby_prefix):
+    launch(tmp_path, tok_model, moby_prefix, nproc=1, steps=2)
+    # another model shape, resumed directly and through the launcher; another world size (a TP/DP layout change)
+    cmd = [sys.executable, "-m", "pretrain.train", f"run_dir={tmp_path}", f"data.tokenizer_model={tok_model}",
+           f"data.data_path=[{moby_prefix}]", "schedule.train_steps=4", *SMALL, "model.decoder.layers=3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env(), MASTER_PORT=str(free_port())), cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 2 and "model.decoder.layers: 2 -> 3" in r.stderr and "convert reshard" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = launch(tmp_path, tok_model, moby_prefix, nproc=2, steps=4, check=False)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "world size: 1 -> 2" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_reshard_that_changes_the_global_batch_warns(tmp_path, trained, tok_model, moby_prefix):
+    run, _ = trained  # 2 processes, micro-batch 2: global batch 4
+    out = tmp_path / "rs"
+    r = subprocess.run([sys.executable, "-m", "pretrain.convert", "reshard", "--checkpoint", str(run / "checkpoints"),
+                        "--out", str(out)], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = launch(tmp_path / "new", tok_model, moby_prefix, f"checkpoint.init_from={out}", nproc=1, steps=5)
+    assert "the global batch changes from 4 to 2 samples at step 4" in r.stderr
