@@ -20,7 +20,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0            # first, alone: the CPU build on disk
 	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps -e .
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e .   # checks the dependencies; silences setuptools' editable notice
 	touch $@
 
 setup: $(BIN)/.installed

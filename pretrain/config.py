@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -256,12 +257,27 @@ class TrainConfig:
 
 
 # ====================================================================== YAML + dotted overrides
+def package_dir(name: str) -> str:
+    """A data package shipped beside pretrain/ (configs, ds_configs): the source tree's or the installed wheel's."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name)
+    return list(spec.submodule_search_locations)[0]
+
+
+
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """TrainConfig from a YAML file and `dotted.key=value` overrides (values parsed as YAML). `model.preset`
     (default tiny-cpu) is the base the other `model.*` keys change."""
     import yaml
 
     raw: dict = {}
+    if path and not os.path.exists(path) and "/" not in path and not path.endswith((".yaml", ".yml")):
+        named = os.path.join(package_dir("configs"), path + ".yaml")  # by name: configs/NAME.yaml
+        if os.path.isfile(named):
+            path = named
     if path:
         try:
             with open(path) as f:

@@ -15,9 +15,9 @@ import os
 
 import torch
 
-from pretrain.config import ConfigError, TrainConfig
+from pretrain.config import ConfigError, TrainConfig, package_dir
 
-DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+DS_CONFIG_DIR = package_dir("ds_configs")
 OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
               "gradient_clipping")
 

@@ -512,7 +512,7 @@ def train(cfg: TrainConfig) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--config", help="YAML config file, or the name of a shipped one (tiny-cpu: configs/tiny-cpu.yaml)")
     p.add_argument("--generate", default="", help="after training, print a greedy continuation of this prompt")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed runner; LOCAL_RANK in the environment is used
