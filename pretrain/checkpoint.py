@@ -63,7 +63,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: str, step: int, extra: dict, config_yaml: str, keep_last: int, log=print) -> str:
+def save(engine, ckpt_dir: str, step: int, extra: dict, config_yaml: str, keep_last: int, log=print,
+         checksums: bool = True) -> str:
     """Save on all ranks; returns the tag. Collective: every rank must call it."""
     tag = tag_for(step)
     rank = dist.get_rank()
@@ -81,7 +82,7 @@ def save(engine, ckpt_dir: str, step: int, extra: dict, config_yaml: str, keep_l
     if rank == 0:
         write_durable(os.path.join(tag_dir, "config.yaml"), config_yaml)
         marker = {"step": step, "world_size": dist.get_world_size(), "code": code_version(),
-                  "files": manifest(tag_dir)}
+                  "files": manifest(tag_dir, checksums)}
         write_durable(os.path.join(tag_dir, COMPLETE), json.dumps(marker, indent=1))
         write_durable(os.path.join(ckpt_dir, "latest"), tag)
         prune(ckpt_dir, keep_last)
@@ -90,32 +91,47 @@ def save(engine, ckpt_dir: str, step: int, extra: dict, config_yaml: str, keep_l
     return tag
 
 
-def manifest(tag_dir: str) -> dict[str, int]:
-    """Size of every file of a checkpoint (relative path -> bytes), except the COMPLETE marker and config.yaml (a
-    human-editable copy of the config: editing it must not make the checkpoint look damaged)."""
+def crc32(path: str) -> int:
+    import zlib
+
+    c = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            c = zlib.crc32(block, c)
+    return c
+
+
+def manifest(tag_dir: str, checksums: bool = True) -> dict[str, dict]:
+    """Every file of a checkpoint: relative path -> {bytes, crc32 (when checksums)}, except the COMPLETE marker and
+    config.yaml (a human-editable copy of the config: editing it must not make the checkpoint look damaged).
+    Checksums re-read the checkpoint once (just written: mostly from the page cache); `checkpoint.checksums=false`
+    keeps sizes only."""
     out = {}
     for dirpath, _, files in os.walk(tag_dir):
         for name in files:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, tag_dir)
             if rel not in (COMPLETE, "config.yaml") and ".tmp" not in name:
-                out[rel] = os.path.getsize(path)
+                out[rel] = {"bytes": os.path.getsize(path), **({"crc32": crc32(path)} if checksums else {})}
     return dict(sorted(out.items()))
 
 
-def damage(tag_dir: str) -> str | None:
-    """Why a checkpoint with a COMPLETE marker cannot be trusted (None: it matches its manifest). Markers written
-    before manifests existed (plain text) are accepted as they are."""
+def damage(tag_dir: str, checksums: bool = False) -> str | None:
+    """Why a checkpoint with a COMPLETE marker cannot be trusted (None: it matches its manifest): a file missing,
+    of another size, or (checksums=True) with other contents. Markers without a manifest are accepted as they are."""
     try:
         marker = json.load(open(os.path.join(tag_dir, COMPLETE)))
     except (OSError, ValueError):
         return None
-    for rel, size in marker.get("files", {}).items():
+    for rel, want in marker.get("files", {}).items():
+        want = want if isinstance(want, dict) else {"bytes": want}
         path = os.path.join(tag_dir, rel)
         if not os.path.isfile(path):
             return f"{rel} is missing"
-        if os.path.getsize(path) != size:
-            return f"{rel} has {os.path.getsize(path)} bytes, the manifest says {size}"
+        if os.path.getsize(path) != want["bytes"]:
+            return f"{rel} has {os.path.getsize(path)} bytes, the manifest says {want['bytes']}"
+        if checksums and "crc32" in want and crc32(path) != want["crc32"]:
+            return f"{rel} does not match its checksum (overwritten or corrupted)"
     return None
 
 
@@ -174,7 +190,7 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
 
 
-def find_resume(ckpt_dir: str, resume: str, log=print) -> str | None:
+def find_resume(ckpt_dir: str, resume: str, log=print, checksums: bool = False) -> str | None:
     """The tag directory to resume from: `auto` = newest complete checkpoint (None if none), `none` = None, or a
     given tag directory (which must be complete)."""
     if resume == "none":
@@ -182,13 +198,13 @@ def find_resume(ckpt_dir: str, resume: str, log=print) -> str | None:
     if resume != "auto":
         if not os.path.isfile(os.path.join(resume, COMPLETE)):
             raise FileNotFoundError(f"checkpoint.resume: {resume} is not a complete checkpoint (no {COMPLETE})")
-        if why := damage(resume):
+        if why := damage(resume, checksums):
             raise FileNotFoundError(f"checkpoint.resume: {resume} is damaged: {why}")
         return os.path.abspath(resume)
     if not os.path.isdir(ckpt_dir):
         return None
     complete = complete_tags(ckpt_dir)
-    while complete and (why := damage(os.path.join(ckpt_dir, complete[-1]))):
+    while complete and (why := damage(os.path.join(ckpt_dir, complete[-1]), checksums)):
         log(f"warning: skipping damaged checkpoint {os.path.join(ckpt_dir, complete[-1])}: {why}", file=sys.stderr)
         complete.pop()
     newest = complete[-1] if complete else None

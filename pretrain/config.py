@@ -204,6 +204,7 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto | none | a checkpoint tag directory
     init_from: str = ""  # a consolidated directory (pretrain.convert) to start from when there is nothing to resume
+    checksums: bool = True  # crc32 of every file in the COMPLETE manifest, verified (by rank 0) before resuming
 
 
 @dataclass

@@ -77,7 +77,7 @@ def resolve_tag_dir(path: str) -> str:
         raise ConvertError(f"{path}: not a complete checkpoint (no COMPLETE marker: cut off while saving?)")
     from pretrain.checkpoint import damage
 
-    if why := damage(path):
+    if why := damage(path, checksums=True):
         raise ConvertError(f"{path}: damaged checkpoint: {why}")
     return path
 

@@ -372,7 +372,11 @@ def setup(cfg: TrainConfig) -> Run:
         model = MetaLM(cfg.model)
     ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
     say = print if rank == 0 else (lambda *a, **k: None)
-    resume_from = checkpoint.find_resume(ckpt_dir, cfg.checkpoint.resume, log=say)
+    # rank 0 picks the checkpoint (verifying its checksums: one read of it) and tells the others
+    pick = [checkpoint.find_resume(ckpt_dir, cfg.checkpoint.resume, log=say, checksums=cfg.checkpoint.checksums)
+            if rank == 0 else None]
+    dist.broadcast_object_list(pick, src=0)
+    resume_from = pick[0]
     if resume_from and (why := checkpoint.layout_mismatch(resume_from, config_to_dict(cfg), world)):
         raise ConfigError(f"checkpoint.resume: {why}")
     state = TrainState()
@@ -421,7 +425,7 @@ def save(run: Run) -> None:
         time.sleep(float(run.cfg.fault_injection["slow_save_s"]))
 
     checkpoint.save(run.engine, run.ckpt_dir, run.state.step, {"state": vars(run.state).copy()}, run.config_yaml,
-                    run.cfg.checkpoint.keep_last, log=run.reporter.log)
+                    run.cfg.checkpoint.keep_last, log=run.reporter.log, checksums=run.cfg.checkpoint.checksums)
 
 
 def every(interval: int, step: int) -> bool:

@@ -140,7 +140,7 @@ def test_checkpoint_save_is_durable_and_ordered(tmp_path, monkeypatch):
     assert events.index(("fsync", tag)) < marker < latest  # the directory too; the marker before latest
     assert ("fsync", ckpt) in events[latest:]  # latest's rename made durable
     manifest = json.load(open(os.path.join(tag, COMPLETE)))["files"]
-    assert manifest["mp_rank_00_model_states.pt"] == 4096
+    assert manifest["mp_rank_00_model_states.pt"]["bytes"] == 4096 and "crc32" in manifest["extra/rank_0.pt"]
     monkeypatch.undo()
     checkpoint.save(FakeEngine(), ckpt, 2, {"state": {"step": 2}}, "a: 1\n", keep_last=3, log=lambda *a, **k: None)
     # a marker that reached the disk before its data: the newer checkpoint is refused, the older one taken
@@ -153,6 +153,15 @@ def test_checkpoint_save_is_durable_and_ordered(tmp_path, monkeypatch):
         checkpoint.find_resume(ckpt, os.path.join(ckpt, "step_00000002"))
     with pytest.raises(ConvertError, match="damaged checkpoint"):
         resolve_tag_dir(os.path.join(ckpt, "step_00000002"))
+    # same size, other bytes (a block overwritten inside a shard): only the checksum sees it
+    checkpoint.save(FakeEngine(), ckpt, 3, {"state": {"step": 3}}, "a: 1\n", keep_last=5, log=lambda *a, **k: None)
+    with open(os.path.join(ckpt, "step_00000003", "mp_rank_00_model_states.pt"), "r+b") as f:
+        f.seek(1000)
+        f.write(b"y" * 64)
+    warnings.clear()
+    assert checkpoint.find_resume(ckpt, "auto", log=lambda *a, **k: None) == os.path.join(ckpt, "step_00000003")
+    got = checkpoint.find_resume(ckpt, "auto", log=lambda *a, **k: warnings.append(a[0]), checksums=True)
+    assert got == tag and "does not match its checksum" in warnings[0]
 
 
 @pytest.mark.slow
