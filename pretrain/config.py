@@ -165,6 +165,9 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # every counted target of a step weighs the same (Megatron's calculate_per_token_loss); off: the mean of the
+    # micro-batch means (each micro-batch weighs the same, whatever its count of targets)
+    per_token_loss: bool = False
 
 
 @dataclass

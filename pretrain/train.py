@@ -82,6 +82,9 @@ def validate(cfg: TrainConfig, world: int) -> None:
     from pretrain.engine import deepspeed_config
 
     deepspeed_config(cfg, world // (p.tp * p.pp))  # the DeepSpeed JSON exists and agrees with the config
+    if cfg.optimizer.per_token_loss and uses_pipeline(cfg):
+        raise ConfigError("optimizer.per_token_loss: not available under pipeline parallelism (DeepSpeed's pipeline "
+                          "schedule averages the micro-batch losses itself)")
     if cfg.logging.downstream_tasks and uses_pipeline(cfg):
         raise ConfigError("logging.downstream_tasks: in-loop downstream evaluation is not available under pipeline "
                           "parallelism (score a consolidated checkpoint with python -m eval.score instead)")
@@ -217,14 +220,15 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward_backward(engine, batch, inject: bool = False) -> float | None:
-    """One micro-batch; returns its loss, or None when it was non-finite on any rank (then nothing is applied)."""
+def forward_backward(engine, batch, inject: bool = False, scale: float = 1.0) -> float | None:
+    """One micro-batch; returns its (mean) loss, or None when it was non-finite on any rank (then nothing is
+    applied). `scale` multiplies what is back-propagated (per-token normalisation, see train_step)."""
     loss = engine(batch)
     if inject:
         loss = loss * float("nan")
     if any_rank(not torch.isfinite(loss).item()):
         return None
-    engine.backward(loss)
+    engine.backward(loss * scale if scale != 1.0 else loss)
     engine.step()
     return loss.item()
 
@@ -232,13 +236,28 @@ def forward_backward(engine, batch, inject: bool = False) -> float | None:
 def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> dict:
     if uses_pipeline(cfg):
         return pipeline_train_step(cfg, engine, batches, state)
-    losses = []
+    losses, counts = [], []
     fi = cfg.fault_injection  # tests: poison the first `nan_count` micro-batches of the listed steps on rank 0
     poisoned = fi.get("nan_count", 1) if state.step + 1 in fi.get("nan_at_steps", ()) else 0
     bad_before = state.skipped
+    # per-token normalisation (optimizer.per_token_loss, Megatron's calculate_per_token_loss): every counted target
+    # of the step weighs the same, whichever micro-batch or rank it is in. DeepSpeed divides by the accumulation
+    # steps and averages over data-parallel ranks; scaling micro-batch i's mean loss by n_i * GA * DP / N (N: the
+    # step's counted targets, all ranks) makes the applied gradient that of sum(token losses) / N.
+    pending, scale_per_target = [], 0.0
+    if cfg.optimizer.per_token_loss:
+        from megatron.core import parallel_state
+
+        pending = [next(batches) for _ in range(cfg.parallel.grad_accum)]
+        n = torch.tensor([sum(float(b["loss_mask"].sum()) for b in pending)], dtype=torch.float64)
+        dist.all_reduce(n, group=parallel_state.get_data_parallel_group())
+        total = max(n.item(), 1.0)
+        scale_per_target = cfg.parallel.grad_accum * dp_world() / total
     while len(losses) < cfg.parallel.grad_accum:
-        batch = to_device(next(batches), device)
-        loss = forward_backward(engine, batch, inject=poisoned > 0 and dist.get_rank() == 0)
+        batch = to_device(pending.pop(0) if pending else next(batches), device)
+        count = float(batch["loss_mask"].sum())
+        loss = forward_backward(engine, batch, inject=poisoned > 0 and dist.get_rank() == 0,
+                                scale=count * scale_per_target if scale_per_target else 1.0)
         poisoned -= 1
         state.consumed_samples += cfg.parallel.micro_batch * dp_world()
         if loss is None:  # skipped on every rank; the next micro-batch takes its place
@@ -250,11 +269,18 @@ def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> 
             continue
         state.bad_in_row = 0
         losses.append(loss)
+        counts.append(count)
     state.step += 1
     state.bad_steps_in_row = state.bad_steps_in_row + 1 if state.skipped > bad_before else 0
     if state.bad_steps_in_row >= cfg.max_bad_steps:
         raise TrainingAborted(f"{state.bad_steps_in_row} steps in a row had a non-finite loss (max_bad_steps="
                               f"{cfg.max_bad_steps}, last at step {state.step}); stopping, last good checkpoint kept")
+    if scale_per_target:  # the per-token mean over the step (all data-parallel ranks)
+        from megatron.core import parallel_state
+
+        t = torch.tensor([sum(l * c for l, c in zip(losses, counts)), sum(counts)], dtype=torch.float64)
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        return {"loss": (t[0] / t[1].clamp(min=1)).item()}
     mean = torch.tensor([float(np.mean(losses))])
     dist.all_reduce(mean)
     return {"loss": mean.item() / dist.get_world_size()}

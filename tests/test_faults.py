@@ -348,3 +348,19 @@ def test_reshard_that_changes_the_global_batch_warns(tmp_path, trained, tok_mode
     assert r.returncode == 0, r.stderr[-2000:]
     r = launch(tmp_path / "new", tok_model, moby_prefix, f"checkpoint.init_from={out}", nproc=1, steps=5)
     assert "the global batch changes from 4 to 2 samples at step 4" in r.stderr
+
+
+@pytest.mark.slow
+def test_per_token_loss_equals_one_big_batch(tmp_path, tok_model, moby_prefix):
+    """optimizer.per_token_loss: 2 processes x 2 accumulated micro-batches of 1 give the loss and the gradient of
+    one micro-batch of 4 samples (the same samples) in one process; the mean of micro-batch means does not."""
+    def step1(name, *ov, nproc):
+        launch(tmp_path / name, tok_model, moby_prefix, *ov, nproc=nproc, steps=1)
+        rec = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl") if '"loss"' in l][0]
+        return rec["loss"], rec["grad_norm"]
+
+    big = step1("big", "optimizer.per_token_loss=true", "parallel.micro_batch=4", nproc=1)
+    split = step1("split", "optimizer.per_token_loss=true", "parallel.micro_batch=1", "parallel.grad_accum=2", nproc=2)
+    means = step1("means", "parallel.micro_batch=1", "parallel.grad_accum=2", nproc=2)
+    assert split[0] == pytest.approx(big[0], rel=1e-5) and split[1] == pytest.approx(big[1], rel=1e-4)
+    assert abs(means[1] - big[1]) > 1e-4 * big[1]  # micro-batches with different target counts weigh alike there
