@@ -262,8 +262,45 @@ def supervise(cmd: Sequence[str], env: dict, grace_s: float) -> int:
     return rc
 
 
+class TorchrunTracebackFilter:
+    """Copies torchrun's stderr through, without torchrun's own Python traceback when a worker failed (the worker's
+    error and torchrun's failure report, which names the rank and its exit code, are what the user needs): lines of
+    a `Traceback` block that ends in `ChildFailedError` are held back and dropped; anything else passes at once."""
+
+    def __init__(self, src, dst):
+        import threading
+
+        self.src, self.dst, self.held = src, dst, []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _emit(self, lines) -> None:
+        for line in lines:
+            self.dst.write(line)
+        self.dst.flush()
+
+    def _run(self) -> None:
+        for line in iter(self.src.readline, ""):
+            if line.startswith("Traceback (most recent call last):"):
+                self._emit(self.held)
+                self.held = [line]
+            elif self.held and (line.startswith("  ") or line.strip() in ("", "^" * len(line.strip()))):
+                self.held.append(line)
+            elif self.held and line.startswith("torch.distributed.elastic.multiprocessing.errors.ChildFailedError"):
+                self.held = []  # torchrun's traceback: its report follows
+            else:
+                self._emit(self.held + [line])
+                self.held = []
+        self._emit(self.held)
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)
+
+
 def _supervise(cmd: Sequence[str], env: dict, grace_s: float) -> int:
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    err = TorchrunTracebackFilter(proc.stderr, sys.stderr)
     st = {"signal": None, "deadline": None, "why": ""}
 
     def on_signal(signum, frame):
@@ -317,6 +354,7 @@ def _supervise(cmd: Sequence[str], env: dict, grace_s: float) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        err.join()
     if rc == 0 and st["signal"]:
         _say(f"the workers saved and exited after {st['signal']}")
     return rc

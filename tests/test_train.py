@@ -164,6 +164,7 @@ def test_nan_loss_skipped_then_k_in_a_row_stops(tmp_path, tok_model, moby_prefix
                "checkpoint.save_interval=2", nproc=2, steps=6, check=False)
     assert r.returncode == 3  # the worker's own status, through torchrun and the launcher
     assert "3 non-finite losses in a row" in r.stdout + r.stderr
+    assert "exitcode  : 3" in r.stderr and "Traceback" not in r.stderr  # torchrun's report, not its traceback
     assert open(tmp_path / "many" / "checkpoints" / "latest").read() == "step_00000002"
 
 
