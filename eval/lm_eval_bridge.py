@@ -11,6 +11,7 @@ machines here cannot). Runs with HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 so n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -62,16 +63,29 @@ def as_hf_dir(model: str, scratch: str) -> str:
     raise ValueError(f"{model}: neither a Hugging Face export (config.json) nor a consolidated MetaLM (metalm.json)")
 
 
+@contextlib.contextmanager
+def offline():
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE for the call only: the caller's environment is left as it was."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run(model: str, tasks: Sequence[str], include_path: str, limit: int | None = None, batch_size: int = 8,
         log_samples: bool = False) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     import torch
 
-    with tempfile.TemporaryDirectory() as scratch:
+    with offline(), tempfile.TemporaryDirectory() as scratch:
+        import lm_eval  # under the offline flags: the HF libraries read them when first imported
+        from lm_eval.tasks import TaskManager
+
         hf_dir = as_hf_dir(model, scratch)
         return lm_eval.simple_evaluate(
             model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=list(tasks),

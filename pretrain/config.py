@@ -165,9 +165,14 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    # every counted target of a step weighs the same (Megatron's calculate_per_token_loss); off: the mean of the
-    # micro-batch means (each micro-batch weighs the same, whatever its count of targets)
-    per_token_loss: bool = False
+    # per_token: every counted target of a step weighs the same across micro-batches and data-parallel ranks
+    # (Megatron's calculate_per_token_loss); per_microbatch: the mean of the micro-batch means
+    loss_normalization: str = "per_microbatch"
+
+    def __post_init__(self):
+        if self.loss_normalization not in ("per_microbatch", "per_token"):
+            raise ConfigError(f"optimizer.loss_normalization: expected per_microbatch or per_token, got "
+                              f"{self.loss_normalization!r}")
 
 
 @dataclass

@@ -94,6 +94,14 @@ def sample_spans(doc_end: np.ndarray, cfg: SpanConfig, rng: np.random.Generator,
     return spans
 
 
+def reached_coverage(cfg: SpanConfig, n: int, samples: int = 32) -> float:
+    """Mean span coverage sampling reaches on n-token sequences without document ends (to see what a
+    `max_spans` cap costs: it stops sampling before `coverage` when it binds)."""
+    no_ends = np.zeros(n, dtype=bool)
+    return float(np.mean([sum(e - s for s, e in sample_spans(no_ends, cfg, sample_rng(0, i), cfg.encoder_length(n)))
+                          for i in range(samples)]) / max(n - 1, 1))
+
+
 def semi_causal_loss_mask(n: int, spans: list[tuple[int, int]], target_valid: np.ndarray | None = None) -> np.ndarray:
     """loss_mask[p] = 0 for p in [s, e-2] of every span (METHOD.md §1), and where the target is padding."""
     mask = np.ones(n, dtype=np.float32) if target_valid is None else target_valid.astype(np.float32)

@@ -82,8 +82,8 @@ def validate(cfg: TrainConfig, world: int) -> None:
     from pretrain.engine import deepspeed_config
 
     deepspeed_config(cfg, world // (p.tp * p.pp))  # the DeepSpeed JSON exists and agrees with the config
-    if cfg.optimizer.per_token_loss and uses_pipeline(cfg):
-        raise ConfigError("optimizer.per_token_loss: not available under pipeline parallelism (DeepSpeed's pipeline "
+    if cfg.optimizer.loss_normalization == "per_token" and uses_pipeline(cfg):
+        raise ConfigError("optimizer.loss_normalization=per_token: not available under pipeline parallelism (DeepSpeed's pipeline "
                           "schedule averages the micro-batch losses itself)")
     if cfg.logging.downstream_tasks and uses_pipeline(cfg):
         raise ConfigError("logging.downstream_tasks: in-loop downstream evaluation is not available under pipeline "
@@ -240,12 +240,12 @@ def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> 
     fi = cfg.fault_injection  # tests: poison the first `nan_count` micro-batches of the listed steps on rank 0
     poisoned = fi.get("nan_count", 1) if state.step + 1 in fi.get("nan_at_steps", ()) else 0
     bad_before = state.skipped
-    # per-token normalisation (optimizer.per_token_loss, Megatron's calculate_per_token_loss): every counted target
-    # of the step weighs the same, whichever micro-batch or rank it is in. DeepSpeed divides by the accumulation
+    # per-token normalisation (optimizer.loss_normalization=per_token, Megatron's calculate_per_token_loss): every
+    # counted target of the step weighs the same, whichever micro-batch or rank it is in. DeepSpeed divides by the accumulation
     # steps and averages over data-parallel ranks; scaling micro-batch i's mean loss by n_i * GA * DP / N (N: the
     # step's counted targets, all ranks) makes the applied gradient that of sum(token losses) / N.
     pending, scale_per_target = [], 0.0
-    if cfg.optimizer.per_token_loss:
+    if cfg.optimizer.loss_normalization == "per_token":
         from megatron.core import parallel_state
 
         pending = [next(batches) for _ in range(cfg.parallel.grad_accum)]
@@ -389,6 +389,16 @@ def setup(cfg: TrainConfig) -> Run:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} ({cfg.data.tokenizer_model})")
     dp = dp_world()
+    d = cfg.data
+    if d.max_spans and data_mode(cfg) == "sclm" and rank == 0:
+        from pretrain.objective import SpanConfig, reached_coverage
+
+        spans = SpanConfig(d.span_length, d.span_coverage, d.max_spans)
+        reached = reached_coverage(spans, d.seq_length)
+        if reached < 0.95 * reached_coverage(SpanConfig(d.span_length, d.span_coverage), d.seq_length):
+            print(f"warning: data.max_spans={d.max_spans} binds: span coverage {reached:.3f} instead of about "
+                  f"{d.span_coverage} (seq_length {d.seq_length}, span_length {d.span_length}); 0 = no cap",
+                  file=sys.stderr)
     train_ds, valid_ds = build_data(cfg, tokenizer, dp)
     if uses_pipeline(cfg):
         from pretrain.pipeline import build_pipeline_module

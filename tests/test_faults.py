@@ -4,6 +4,7 @@ in a row stop the run."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +16,12 @@ from pretrain.checkpoint import COMPLETE
 from test_train import ROOT, SMALL, env, free_port, launch, losses
 
 
-def start(run_dir, tok_model, prefix, *overrides, grace=3, nproc=2):
+def start(run_dir, tok_model, prefix, *overrides, grace=3, nproc=2, new_session=False):
     cmd = [sys.executable, "-m", "pretrain.launch", "--nproc-per-node", str(nproc), "--master-port",
            str(free_port()), "--grace-s", str(grace), "--", f"run_dir={run_dir}", f"data.tokenizer_model={tok_model}",
            f"data.data_path=[{prefix}]", "schedule.train_steps=100000", *SMALL, *overrides]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT,
+                            start_new_session=new_session)
 
 
 def wait_steps(run_dir, n, timeout=120):
@@ -207,11 +209,11 @@ def test_killed_launcher_takes_the_job_down(tmp_path, tok_model, moby_prefix):
     into the run directory)."""
     import psutil
 
-    proc = start(tmp_path, tok_model, moby_prefix, "checkpoint.save_interval=0", grace=30)
+    proc = start(tmp_path, tok_model, moby_prefix, "checkpoint.save_interval=0", grace=30, new_session=True)
     wait_steps(tmp_path, 3)
     below = psutil.Process(proc.pid).children(recursive=True)
     assert len(below) >= 3  # torchrun and two workers
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher's whole process group, as a scheduler or a shell would
     proc.wait()
     gone, alive = psutil.wait_procs(below, timeout=60)
     for p in alive:
@@ -352,15 +354,62 @@ def test_reshard_that_changes_the_global_batch_warns(tmp_path, trained, tok_mode
 
 @pytest.mark.slow
 def test_per_token_loss_equals_one_big_batch(tmp_path, tok_model, moby_prefix):
-    """optimizer.per_token_loss: 2 processes x 2 accumulated micro-batches of 1 give the loss and the gradient of
+    """optimizer.loss_normalization=per_token: 2 processes x 2 accumulated micro-batches of 1 give the loss and the gradient of
     one micro-batch of 4 samples (the same samples) in one process; the mean of micro-batch means does not."""
     def step1(name, *ov, nproc):
         launch(tmp_path / name, tok_model, moby_prefix, *ov, nproc=nproc, steps=1)
         rec = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl") if '"loss"' in l][0]
         return rec["loss"], rec["grad_norm"]
 
-    big = step1("big", "optimizer.per_token_loss=true", "parallel.micro_batch=4", nproc=1)
-    split = step1("split", "optimizer.per_token_loss=true", "parallel.micro_batch=1", "parallel.grad_accum=2", nproc=2)
+    big = step1("big", "optimizer.loss_normalization=per_token", "parallel.micro_batch=4", nproc=1)
+    split = step1("split", "optimizer.loss_normalization=per_token", "parallel.micro_batch=1", "parallel.grad_accum=2", nproc=2)
     means = step1("means", "parallel.micro_batch=1", "parallel.grad_accum=2", nproc=2)
     assert split[0] == pytest.approx(big[0], rel=1e-5) and split[1] == pytest.approx(big[1], rel=1e-4)
     assert abs(means[1] - big[1]) > 1e-4 * big[1]  # micro-batches with different target counts weigh alike there
+
+
+def test_library_calls_leave_the_environment_alone(trained, tmp_path, moby_prefix, tok_model):
+    """load_consolidated (a one-process group for evaluation) and the lm-eval bridge restore what they touch; the
+    datasets CLI's default split works on a small dataset (135 documents); a consolidated directory without its
+    weights is a named error."""
+    from pretrain.convert import ConvertError, load_consolidated, read_consolidated
+
+    before = {k: os.environ.get(k) for k in ("LOCAL_RANK", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    load_consolidated(str(trained[1]))
+    from eval.lm_eval_bridge import offline
+
+    with offline():
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert {k: os.environ.get(k) for k in before} == before
+    r = subprocess.run([sys.executable, "-m", "data_tools.datasets", "--data-path", "0.7", moby_prefix, "0.3",
+                        moby_prefix, "--tokenizer-model", tok_model, "--seq-length", "128", "--show", "0"],
+                       capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "samples: train" in r.stdout, r.stderr[-1500:]
+    broken = tmp_path / "cons"
+    shutil.copytree(trained[1], broken)
+    os.remove(broken / "model.safetensors")
+    with pytest.raises(ConvertError, match="model.safetensors is missing"):
+        read_consolidated(str(broken))
+
+
+@pytest.mark.slow
+def test_deepspeed_runner_and_ctrl_c_on_the_process_group(tmp_path, tok_model, moby_prefix):
+    """DeepSpeed's own runner starts pretrain.train (which takes its --local_rank); Ctrl-C as a terminal sends it
+    (SIGINT to the launcher's whole process group) gives one clean save and exit 0, no traceback."""
+    runner = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    r = subprocess.run([runner, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain.train",
+                        f"run_dir={tmp_path / 'ds'}", f"data.tokenizer_model={tok_model}",
+                        f"data.data_path=[{moby_prefix}]", "schedule.train_steps=2", *SMALL],
+                       capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (tmp_path / "ds" / "checkpoints" / "latest").read_text() == "step_00000002"
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "--", f"run_dir={tmp_path / 'ctrlc'}", f"data.tokenizer_model={tok_model}", f"data.data_path=[{moby_prefix}]",
+           "schedule.train_steps=100000", "checkpoint.save_interval=0", *SMALL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT,
+                            start_new_session=True)
+    wait_steps(tmp_path / "ctrlc", 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "Traceback" not in out and "SignalException" not in out, out[-3000:]
+    assert "SIGINT received" in out and "stop requested: saving at step" in out

@@ -158,3 +158,6 @@ def test_long_sequences_keep_their_coverage():
     assert min(cov) >= 0.25  # sampling stops only once coverage exceeds p (the last span may overshoot)
     capped = SpanConfig(span_length=128, coverage=0.25, max_spans=16)
     assert max(len(sample_spans(np.zeros(8192, dtype=bool), capped, sample_rng(1, i))) for i in range(20)) == 16
+    from pretrain.objective import reached_coverage  # what the trainer's warning reports when a cap binds
+
+    assert reached_coverage(capped, 8192) < 0.2 < 0.25 <= reached_coverage(cfg, 8192)

@@ -244,7 +244,9 @@ def test_pipeline_parallel_2_matches_1(tmp_path, tok_model, moby_prefix):
     common = ["parallel.deepspeed=pipeline_zero1", "parallel.pipeline_engine=true", "parallel.grad_accum=2",
               "checkpoint.save_interval=4"]
     launch(tmp_path / "pp1", tok_model, moby_prefix, *common, steps=4)
-    launch(tmp_path / "pp2", tok_model, moby_prefix, *common, "parallel.pp=2", nproc=2, steps=4)
+    r = launch(tmp_path / "pp2", tok_model, moby_prefix, *common, "parallel.pp=2", "--generate", "The whale", nproc=2,
+               steps=4)
+    assert "--generate skipped: not available under pipeline parallelism" in r.stderr  # said, not silently ignored
     a, b = losses(tmp_path / "pp1"), losses(tmp_path / "pp2")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
