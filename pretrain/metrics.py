@@ -92,7 +92,9 @@ class Reporter:
             done = step - self.start_step
             eta = elapsed / done * (self.total - step) if done else float("nan")
             self.log(f"step {step:6d}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad norm "
-                     f"{m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tokens/s | skipped {m['skipped']}{extra} | "
+                     f"{m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tokens/s"
+                     + (f" ({m['samples_per_s']:.1f} samples/s)" if "samples_per_s" in m else "")
+                     + f" | skipped {m['skipped']}{extra} | "
                      f"tokens {self.tokens / 1e6:.2f}M | elapsed {_hms(elapsed)} | eta {_hms(eta)}")
 
     def valid(self, step: int, metrics: dict) -> None:

@@ -484,7 +484,7 @@ def timed_step(run: Run) -> dict:
     gn = engine.get_global_grad_norm()
     tokens = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_world() * cfg.data.seq_length
     m.update(lr=engine.get_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"), tokens_per_s=tokens / dt,
-             step_s=dt,
+             step_s=dt, samples_per_s=cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_world() / dt,
              skipped=state.skipped, consumed_samples=state.consumed_samples)
     if torch.cuda.is_available():
         m["mfu"] = (m["tokens_per_s"] * cfg.model.flops_per_token(cfg.data.seq_length)

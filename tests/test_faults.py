@@ -228,7 +228,7 @@ def test_reporter_survives_a_torn_metrics_line_and_logs_without_a_terminal(tmp_p
         f.write('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "loss": 3.0}\n{"step": 4, "lo')
     rep = Reporter(str(tmp_path), 10, 2, 1, tensorboard=False, progress_bar=False, enabled=True)  # resumed at 2
     assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [1, 2]
-    m = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0, "skipped": 0}
+    m = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0, "samples_per_s": 0.8, "skipped": 0}
     rep.step(3, m, tokens=2048)
     rep.valid(3, {"valid_loss": 2.0, "valid_ppl": 7.39})
     rep.log("saved checkpoint /x/step_00000003")
@@ -236,6 +236,7 @@ def test_reporter_survives_a_torn_metrics_line_and_logs_without_a_terminal(tmp_p
     out = capsys.readouterr()
     assert "dropping a torn line" in out.err
     assert "step      3/10 | loss 2.5000" in out.out and "tokens 0.00M" in out.out and "eta 0:00:" in out.out
+    assert "100 tokens/s (0.8 samples/s)" in out.out
     summary = [l for l in out.out.splitlines() if l.startswith("summary:")][0]
     assert "steps 2->3 of 10" in summary and "perplexity 7.39 at step 3" in summary and "/x/step_00000003" in summary
     log = (tmp_path / "train.log").read_text()
