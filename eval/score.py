@@ -34,7 +34,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data_tools.task_samples import PLACEMENTS, Sequence, build_sequences, collate_shared, sample_demos
+from data_tools.task_samples import PLACEMENTS, build_sequences, collate_shared, sample_demos
+from data_tools.task_samples import Sequence as TaskSequence  # (typing's Sequence is used for hints here)
 from data_tools.tasks import Task, get_task, load_split
 
 
@@ -102,7 +103,7 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
     # word boundary (SentencePiece would make the leading space of " answer" a piece of its own; lm-eval's HF
     # tokenizer does not)
     answers = sorted({c for it in items for c in task.choices(it)})
-    groups = [[Sequence([], tok.encode(a), meta={"answer": a}) for a in answers[i:i + 32]]
+    groups = [[TaskSequence([], tok.encode(a), meta={"answer": a}) for a in answers[i:i + 32]]
               for i in range(0, len(answers), 32)]
     prior = {}
     for start in range(0, len(groups), batch_size):
@@ -146,14 +147,16 @@ def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequen
                                          batch_size, progress=bar)
                     m = sc.metrics()
                     rec = {**(meta or {}), "task": name, "split": split, "placement": placement, "shots": k,
-                           "seed": seed, "n": len(items), "metrics": {x: m[x] for x in ("acc", "acc_norm", "acc_mutual_info")},
+                           "seed": seed, "n": len(items),
+                           "metrics": {x: m[x] for x in ("acc", "acc_norm", "acc_mutual_info")},
                            "chance": m["chance"], "majority": m["majority"],
                            "truncated_sequences": sc.truncated_sequences, "truncated_tokens": sc.truncated_tokens,
                            "seconds": round(time.perf_counter() - t0, 2)}
                     records.append(rec)
                     log(f"{name:22s} {placement:8s} {k}-shot seed {seed}: acc {m['acc']:.3f} acc_norm "
                         f"{m['acc_norm']:.3f} acc_mi {m['acc_mutual_info']:.3f} (n={len(items)}, chance "
-                        f"{m['chance']:.2f}, majority {m['majority']:.2f}, truncated {sc.truncated_sequences}) {rec['seconds']:.1f}s")
+                        f"{m['chance']:.2f}, majority {m['majority']:.2f}, truncated {sc.truncated_sequences}) "
+                        f"{rec['seconds']:.1f}s")
     return records
 
 

@@ -119,11 +119,7 @@ def manifest(tag_dir: str, checksums: bool = True) -> dict[str, dict]:
 def damage(tag_dir: str, checksums: bool = False) -> str | None:
     """Why a checkpoint with a COMPLETE marker cannot be trusted (None: it matches its manifest): a file missing,
     of another size, or (checksums=True) with other contents. Markers without a manifest are accepted as they are."""
-    try:
-        marker = json.load(open(os.path.join(tag_dir, COMPLETE)))
-    except (OSError, ValueError):
-        return None
-    for rel, want in marker.get("files", {}).items():
+    for rel, want in marker(tag_dir).get("files", {}).items():
         want = want if isinstance(want, dict) else {"bytes": want}
         path = os.path.join(tag_dir, rel)
         if not os.path.isfile(path):

@@ -21,8 +21,8 @@ a checkpoint and exit 0 (then the launcher exits 0); if they are not done within
 kills them (the interrupted save has no COMPLETE marker; resume takes the last complete checkpoint). A second
 signal kills at once. When a worker ends while the others still run (a failure, the watchdog), the others get the
 same grace to wind down before they are killed, so a frozen rank cannot hold the job. If the launcher itself is
-killed (even `kill -9`), torchrun gets SIGTERM (parent-death signal) and stops the workers, which save and exit. Under SLURM, `#SBATCH
---signal=TERM@<grace + 60>` makes the scheduler send that SIGTERM before the time limit.
+killed (even `kill -9`), torchrun gets SIGTERM (parent-death signal) and stops the workers, which save and exit.
+Under SLURM, `#SBATCH --signal=TERM@<grace + 60>` makes the scheduler send that SIGTERM before the time limit.
 """
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def validate(cfg: TrainConfig, world: int) -> None:
     """Checks that need the world size and the files; config types/values were checked when loading."""
     p, m = cfg.parallel, cfg.model
     for name, value in (("parallel.micro_batch", p.micro_batch), ("parallel.grad_accum", p.grad_accum),
-                        ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("schedule.train_steps", cfg.schedule.train_steps)):
+                        ("parallel.tp", p.tp), ("parallel.pp", p.pp),
+                        ("schedule.train_steps", cfg.schedule.train_steps)):
         if value < 1:
             raise ConfigError(f"{name}={value}: must be at least 1")
     try:
@@ -83,8 +84,8 @@ def validate(cfg: TrainConfig, world: int) -> None:
 
     deepspeed_config(cfg, world // (p.tp * p.pp))  # the DeepSpeed JSON exists and agrees with the config
     if cfg.optimizer.loss_normalization == "per_token" and uses_pipeline(cfg):
-        raise ConfigError("optimizer.loss_normalization=per_token: not available under pipeline parallelism (DeepSpeed's pipeline "
-                          "schedule averages the micro-batch losses itself)")
+        raise ConfigError("optimizer.loss_normalization=per_token: not available under pipeline parallelism "
+                          "(DeepSpeed's pipeline schedule averages the micro-batch losses itself)")
     if cfg.logging.downstream_tasks and uses_pipeline(cfg):
         raise ConfigError("logging.downstream_tasks: in-loop downstream evaluation is not available under pipeline "
                           "parallelism (score a consolidated checkpoint with python -m eval.score instead)")
@@ -98,7 +99,11 @@ def absolute_paths(cfg: TrainConfig) -> None:
     checkpoints still points at them from anywhere (conversion, evaluation, resume from another directory)."""
     d = cfg.data
     d.tokenizer_model = os.path.abspath(d.tokenizer_model)
-    d.data_path = [p if not isinstance(p, str) or _is_number(p) else os.path.abspath(p) for p in d.data_path]
+    from data_tools.datasets import parse_blend  # the one reader of Megatron's `prefix | w1 p1 w2 p2 ...` form
+
+    prefixes, weights = parse_blend(d.data_path)
+    prefixes = [os.path.abspath(p) for p in prefixes]
+    d.data_path = prefixes if weights is None else [x for wp in zip(weights, prefixes) for x in wp]
     if d.cache_dir:
         d.cache_dir = os.path.abspath(d.cache_dir)
     if cfg.checkpoint.init_from:
@@ -106,14 +111,6 @@ def absolute_paths(cfg: TrainConfig) -> None:
     if cfg.logging.downstream_tasks:
         cfg.logging.downstream_data = os.path.abspath(cfg.logging.downstream_data)
     cfg.run_dir = os.path.abspath(cfg.run_dir)
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 def uses_pipeline(cfg: TrainConfig) -> bool:
@@ -241,8 +238,8 @@ def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> 
     poisoned = fi.get("nan_count", 1) if state.step + 1 in fi.get("nan_at_steps", ()) else 0
     bad_before = state.skipped
     # per-token normalisation (optimizer.loss_normalization=per_token, Megatron's calculate_per_token_loss): every
-    # counted target of the step weighs the same, whichever micro-batch or rank it is in. DeepSpeed divides by the accumulation
-    # steps and averages over data-parallel ranks; scaling micro-batch i's mean loss by n_i * GA * DP / N (N: the
+    # counted target of the step weighs the same, whichever micro-batch or rank it is in. DeepSpeed divides by the
+    # accumulation steps and averages over data-parallel ranks; scaling micro-batch i's mean loss by n_i * GA * DP / N (N: the
     # step's counted targets, all ranks) makes the applied gradient that of sum(token losses) / N.
     pending, scale_per_target = [], 0.0
     if cfg.optimizer.loss_normalization == "per_token":
