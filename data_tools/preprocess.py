@@ -2,9 +2,20 @@
 
     python -m data_tools.preprocess --input corpus.jsonl --output-prefix data/corpus \\
         --tokenizer-model tok.model --append-eod --workers 2
+    python -m data_tools.preprocess --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model path/to/tokenizer_dir --append-eod
 
 writes `data/corpus_text_document.bin/.idx` (one pair per `--json-keys` key, Megatron's naming), byte-compatible
-with megatron-core's `IndexedDataset` (it is written by megatron-core's own `IndexedDatasetBuilder`).
+with megatron-core's `IndexedDataset` (it is written by megatron-core's own `IndexedDatasetBuilder`), and
+`data/corpus_text_document.tokenizer.json` (the tokenizer's type, files and special ids).
+
+Megatron-LM's `tools/preprocess_data.py` flags are accepted where they mean something here (`--tokenizer-type`,
+`--tokenizer-model`, `--vocab-file`, `--merge-file`, `--append-eod`, `--json-keys`, `--workers`, `--log-interval`,
+`--keep-newlines`, `--partitions`); the others are refused by name. Documents are handled as Megatron-LM handles
+them: each is the tokenizer's ids of its text plus the end-of-document id (`--append-eod`; the tokenizer's eos, or
+`</d>` for models from data_tools.tokenizer); a document whose text tokenizes to no ids is dropped (reported), but
+keeps its place in the document index as Megatron's writer does, so document i is still input record i and the
+files are byte-identical to Megatron's for the same tokenizer.
 
 How it is fast and bounded:
 - the main process only cuts input into chunks of raw lines and writes results; workers do UTF-8 decoding, JSON
@@ -74,24 +85,28 @@ _TOKENIZER = None
 _KEYS: Sequence[str] = ()
 _APPEND_EOD = False
 _DTYPE = np.uint16
+NO_TOKENS = "tokenizes to no ids"  # the one reason Megatron-LM drops a document
 
 
-def _init_worker(model_path: str, keys: Sequence[str], append_eod: bool, dtype) -> None:
+def _init_worker(tokenizer, keys: Sequence[str], append_eod: bool, dtype) -> None:
     global _TOKENIZER, _KEYS, _APPEND_EOD, _DTYPE
-    from data_tools.tokenizer import Tokenizer
-
-    _TOKENIZER, _KEYS, _APPEND_EOD, _DTYPE = Tokenizer(model_path), tuple(keys), append_eod, dtype
+    _TOKENIZER, _KEYS, _APPEND_EOD, _DTYPE = tokenizer, tuple(keys), append_eod, dtype
 
 
 def _encode_chunk(chunk: Chunk) -> EncodedChunk:
     docs, bad = parse_chunk(chunk, _KEYS)
     tokens, lengths = [], []
+    where = "row" if chunk.kind == "parquet" else "line"
     for k in range(len(_KEYS)):
         texts = [fields[k] for _, fields in docs]
         encoded = _TOKENIZER.encode_batch_numpy(texts)  # one thread per worker; the workers are the parallelism
-        if _APPEND_EOD:
+        for (n, _), e in zip(docs, encoded):
+            if len(e) == 0:  # kept as an empty document (no sequence), as Megatron's writer does
+                bad.append(BadRecord(chunk.path, f"{where} {n}" if chunk.kind != "text" else "whole file",
+                                     NO_TOKENS, f"field {_KEYS[k]!r} gives no token ids; dropped"))
+        if _APPEND_EOD:  # Megatron appends the end of document to non-empty documents only
             eod = np.array([_TOKENIZER.eod], dtype=np.int32)
-            encoded = [np.concatenate([e, eod]) for e in encoded]
+            encoded = [np.concatenate([e, eod]) if len(e) else e for e in encoded]
         lengths.append(np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded)))
         tokens.append(np.concatenate(encoded).astype(_DTYPE, copy=False) if encoded else np.zeros(0, _DTYPE))
     return EncodedChunk(tokens, lengths, bad, chunk.nbytes)
@@ -137,23 +152,27 @@ def output_prefixes(output_prefix: str, keys: Sequence[str]) -> list[str]:
 def preprocess(
     inputs: Sequence[str],
     output_prefix: str,
-    tokenizer_model: str,
+    tokenizer,
     json_keys: Sequence[str] = ("text",),
     workers: int = 1,
     append_eod: bool = False,
     strict: bool = False,
     progress: bool | None = None,
     log=print,
+    log_interval: int = 0,
 ) -> Summary:
-    from data_tools.tokenizer import Tokenizer
+    """`tokenizer`: a tokenizer object from data_tools.tokenizer, or a path (auto-detected type)."""
+    from data_tools.tokenizer import BaseTokenizer, load_tokenizer
 
     check_inputs(inputs, json_keys)
-    tok = Tokenizer(tokenizer_model)
+    tok = tokenizer if isinstance(tokenizer, BaseTokenizer) else load_tokenizer(tokenizer)
     vocab_dtype = np.uint16 if tok.vocab_size < 65500 else np.int32  # what megatron's DType.optimal_dtype picks
-    pool = _start_pool(workers, (tok.model_path, tuple(json_keys), append_eod, vocab_dtype))
+    if workers > 1:  # the Rust tokenizers' own thread pool must not be used across fork()
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    pool = _start_pool(workers, (tok, tuple(json_keys), append_eod, vocab_dtype))
     try:
         summary = _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, vocab_dtype, strict, progress,
-                              log)
+                              log, log_interval)
     finally:
         if pool is not None:
             pool.terminate()
@@ -162,7 +181,8 @@ def preprocess(
     return summary
 
 
-def _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, dtype, strict, progress, log) -> Summary:
+def _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, dtype, strict, progress, log,
+                log_interval=0) -> Summary:
     indexed = import_indexed_dataset()
     IndexedDatasetBuilder = indexed.IndexedDatasetBuilder
     assert np.dtype(indexed.DType.optimal_dtype(tok.vocab_size)) == np.dtype(dtype)
@@ -190,11 +210,16 @@ def _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, dtype, str
             for b, builder in enumerate(builders):
                 offsets = np.concatenate([[0], np.cumsum(res.lengths[b])])
                 for d in range(len(res.lengths[b])):
-                    builder.add_document(res.tokens[b][offsets[d]:offsets[d + 1]], [int(res.lengths[b][d])])
+                    n = int(res.lengths[b][d])  # 0: an empty document, no sequence (what Megatron writes)
+                    builder.add_document(res.tokens[b][offsets[d]:offsets[d + 1]], [n] if n else [])
                 summary.tokens[json_keys[b]] += int(offsets[-1])
-            summary.documents += len(res.lengths[0])
+            summary.documents += int(np.count_nonzero(res.lengths[0]))
             summary.input_bytes += res.nbytes
             bar.update(res.nbytes)
+            if log_interval and summary.documents // log_interval > (summary.documents - len(res.lengths[0])) // log_interval:
+                el = max(time.perf_counter() - t0, 1e-9)
+                log(f"processed {summary.documents:,} documents ({summary.documents / el:,.0f} docs/s, "
+                    f"{summary.input_bytes / 1e6 / el:.1f} MB/s)", file=sys.stderr)
             bar.set_postfix(docs_per_s=f"{summary.documents / max(time.perf_counter() - t0, 1e-9):,.0f}",
                             refresh=False)
         bar.close()
@@ -204,6 +229,7 @@ def _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, dtype, str
         for prefix, builder in zip(prefixes, builders):
             builder.finalize(prefix + ".idx" + tmp)
         for prefix in prefixes:
+            write_tokenizer_meta(prefix, tok, summary.documents)
             publish_dataset(prefix, tmp)
             summary.outputs += [prefix + ".bin", prefix + ".idx"]
         finished = True
@@ -224,26 +250,90 @@ def _peak_rss_mb(workers: int) -> dict:
     return out
 
 
+# Megatron-LM tools/preprocess_data.py flags that have no meaning here: refused by name (not "unrecognized")
+MEGATRON_REFUSED = {
+    "--split-sentences": "sentence splitting (NLTK) is not supported: each document is one sequence",
+    "--lang": "only used with --split-sentences, which is not supported",
+    "--keep-sequential-samples": "inputs are always read and written in order here",
+    "--tiktoken-pattern": "TikTokenizer is not supported",
+    "--tiktoken-num-special-tokens": "TikTokenizer is not supported",
+    "--tiktoken-special-tokens": "TikTokenizer is not supported",
+    "--vocab-size": "the vocabulary size is read from the tokenizer",
+    "--tokenizer-metadata": "the tokenizer is described by its files and --eod-id here",
+}
+MEGATRON_TYPES_REFUSED = ("BertWordPieceLowerCase", "BertWordPieceCase", "GPTSentencePieceTokenizer",
+                          "Llama2Tokenizer", "Llama3Tokenizer", "MistralTokenizer", "TikTokenizer", "NullTokenizer",
+                          "MultimodalTokenizer", "HuggingFaceTokenizerCustom")
+
+
+def write_tokenizer_meta(prefix: str, tok, documents: int) -> str:
+    """PREFIX.tokenizer.json: which tokenizer made the dataset (type, files, special ids), so training, evaluation
+    and conversion need not guess. Written before the dataset is published."""
+    import json
+
+    from data_tools.durable import write_durable
+
+    meta = {"tokenizer": tok.spec(), "vocab_size": tok.vocab_size, "documents": documents}
+    path = prefix + ".tokenizer.json"
+    write_durable(path, (json.dumps(meta, indent=2) + "\n").encode())
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from data_tools.tokenizer import add_tokenizer_args
+
     p = argparse.ArgumentParser(prog="python -m data_tools.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="jsonl/.jsonl.gz, parquet or txt files")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece model from data_tools.tokenizer")
+    add_tokenizer_args(p)
     p.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl keys / parquet columns to tokenize")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
-    p.add_argument("--append-eod", action="store_true", help="append the end-of-document token </d> to each document")
+    p.add_argument("--append-eod", action="store_true",
+                   help="append the end-of-document id to each document (the tokenizer's eos, as Megatron-LM; "
+                        "</d> for models from data_tools.tokenizer; --eod-id to choose)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-interval", type=int, default=0,
+                   help="print a progress line every N documents (Megatron-LM's flag; default: a progress bar on "
+                        "a terminal)")
+    p.add_argument("--keep-newlines", action="store_true",
+                   help="accepted for Megatron-LM compatibility: newlines are always kept (they only matter with "
+                        "--split-sentences, which is not supported)")
+    p.add_argument("--partitions", type=int, default=1,
+                   help="accepted for Megatron-LM compatibility: input is streamed in order, so the output is what "
+                        "Megatron writes with any number of partitions")
     return p
 
 
+def _refuse_megatron_flags(argv: Sequence[str]) -> None:
+    for a in argv:
+        flag = a.split("=", 1)[0]
+        if flag in MEGATRON_REFUSED:
+            raise UserError(f"{flag} (a Megatron-LM flag): {MEGATRON_REFUSED[flag]}")
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--tokenizer-type=") else (
+            argv[i + 1] if a == "--tokenizer-type" and i + 1 < len(argv) else None)
+        if value in MEGATRON_TYPES_REFUSED:
+            raise UserError(f"--tokenizer-type {value}: not supported here; use SentencePieceTokenizer, "
+                            "HuggingFaceTokenizer or GPT2BPETokenizer")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from data_tools.tokenizer import tokenizer_from_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_megatron_flags(argv)
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
-    summary = preprocess(args.input, args.output_prefix, args.tokenizer_model, args.json_keys, args.workers,
-                         args.append_eod, args.strict, progress=False if args.quiet else None)
+    if args.partitions < 1:
+        raise UserError("--partitions must be at least 1")
+    tok = tokenizer_from_args(args)
+    print(f"tokenizer: {tok.describe()}", file=sys.stderr)
+    summary = preprocess(args.input, args.output_prefix, tok, args.json_keys, args.workers,
+                         args.append_eod, args.strict, progress=False if args.quiet or args.log_interval else None,
+                         log_interval=args.log_interval)
     for line in summary.lines():
         print(line)
     return 0

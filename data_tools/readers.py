@@ -188,9 +188,8 @@ def _fields(obj, keys: Sequence[str], path: str, where: str, bad: list[BadRecord
             bad.append(BadRecord(path, where, "not a string",
                                  f"field {key!r} is {type(value).__name__}, expected a string"))
             return None
-        if not value.strip():
-            bad.append(BadRecord(path, where, "empty document", f"field {key!r} is empty"))
-            return None
+        # an empty or whitespace-only text is not rejected here: as in Megatron-LM, a document is dropped only
+        # when its text tokenizes to no ids (preprocess reports that), and "   " does tokenize under many models
         out.append(value)
     return out
 

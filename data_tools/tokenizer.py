@@ -1,12 +1,16 @@
-"""SentencePiece tokenizer with the project's special tokens: train, load, and the one place that defines ids.
+"""Tokenizers: the project's own SentencePiece models (train, load) and the ones users bring, behind one interface.
 
-Special-token ids are fixed by `SPECIAL_TOKENS` (the order is the id): `<unk>`=0, `<s>`=1, `</s>`=2 follow the
-Llama convention so a decoder exports to `LlamaForCausalLM` without remapping; then `<pad>`=3, the end-of-document
-token `</d>`=4, `<image>`=5, `</image>`=6. Every model trained by `train_tokenizer` has exactly these ids;
-`Tokenizer` checks it on load, so a foreign model with other ids is refused instead of silently mis-tokenized.
+Backends, named like Megatron-LM's `--tokenizer-type`: `SentencePieceTokenizer` (any .model), `HuggingFaceTokenizer`
+(a local tokenizer.json or a directory holding one, via the `tokenizers` package), `GPT2BPETokenizer` (vocab.json +
+merges.txt). `load_tokenizer` picks one (auto: from the files given); `spec()` records type, files and special ids.
+
+Models trained here have fixed special ids (`SPECIAL_TOKENS`, the order is the id): `<unk>`=0, `<s>`=1, `</s>`=2
+follow the Llama convention so a decoder exports to `LlamaForCausalLM` without remapping; then `<pad>`=3, the
+end-of-document token `</d>`=4, `<image>`=5, `</image>`=6. Such a model is recognised by that layout and keeps `</d>`
+as end of document; any other tokenizer uses its own ids (rules in `BaseTokenizer`), eos as end of document.
 
     python -m data_tools.tokenizer train --input corpus.jsonl --model-prefix tok --vocab-size 8000
-    python -m data_tools.tokenizer encode --model tok.model "Call me Ishmael."
+    python -m data_tools.tokenizer encode --tokenizer-model tok.model "Call me Ishmael."
 """
 from __future__ import annotations
 
@@ -35,15 +39,19 @@ SPECIAL_TOKENS: tuple[tuple[str, str], ...] = (
 )
 
 
+TOKENIZER_TYPES = ("auto", "SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer")
+META_FILE = "tokenizer_meta.json"  # written beside the tokenizer files in consolidated dirs and HF exports
+
+
 @dataclass(frozen=True)
 class SpecialIds:
-    unk: int
+    unk: int | None
     bos: int
     eos: int
     pad: int
     eod: int
-    image: int
-    image_end: int
+    image: int | None = None
+    image_end: int | None = None
 
 
 WORD_CACHE_MAX = 500_000  # distinct segments kept by encode_batch_numpy before the cache is cleared
@@ -53,14 +61,105 @@ _CROSSING_PIECE = re.compile("[^\u2581]\u2581")
 SPECIAL_IDS = SpecialIds(**{attr: i for i, (_, attr) in enumerate(SPECIAL_TOKENS)})
 
 
-class Tokenizer:
-    """A loaded SentencePiece model with the project's special ids.
+class BaseTokenizer:
+    """What every backend offers: special ids, text <-> ids, and a `spec` that recreates it (recorded in dataset
+    side metadata, configs, checkpoints and exports, so nothing downstream guesses).
+
+    Special-id rules for tokenizers we did not train (documented in the README):
+    - eos, bos, unk, pad are read from the tokenizer itself; a missing bos is eos (GPT-2's convention, one
+      `<|endoftext|>` for both); a missing pad is eos: pad is only a filler in this project (padding positions are
+      never targets and never attended to), so any valid id works, and eos is what Hugging Face users set;
+    - the end-of-document id (appended by `--append-eod`, a stop id in generation) is eos, as Megatron-LM does,
+      unless `eod_id` is given; models trained by `data_tools.tokenizer` keep their own `</d>` (METHOD.md: the
+      semi-causal objective and generation distinguish a sentence end from a document end).
 
     Also satisfies what megatron-core's dataset builders read from a tokenizer (`vocab_size`, `eod`, `pad`,
     `unique_identifiers`), so it can be passed as `GPTDatasetConfig.tokenizer` directly.
     """
 
-    def __init__(self, model_path: str):
+    kind = ""
+    native = False  # a model trained by data_tools.tokenizer (the project's special-token layout)
+
+    def _set_ids(self, where: str, unk, bos, eos, pad, eod_id, native_eod=None, image=None, image_end=None):
+        def norm(i):
+            return None if i is None or i < 0 else int(i)
+
+        unk, bos, eos, pad = norm(unk), norm(bos), norm(eos), norm(pad)
+        eod = eod_id if eod_id is not None and eod_id >= 0 else native_eod if native_eod is not None else eos
+        if eos is None:
+            eos = eod
+        if eos is None:
+            raise UserError(f"{where}: the tokenizer defines no end-of-sentence (eos) token; name the "
+                            "end-of-document id with --eod-id (data.eod_id)")
+        bos = eos if bos is None else bos
+        pad = eos if pad is None else pad
+        for name, i in (("eod_id", eod), ("eos", eos), ("bos", bos), ("pad", pad)):
+            if not 0 <= i < self.vocab_size:
+                raise UserError(f"{where}: {name} {i} is outside the vocabulary (size {self.vocab_size})")
+        self.ids = SpecialIds(unk, bos, eos, pad, int(eod), image, image_end)
+        self.eod_override = eod_id if eod_id is not None and eod_id >= 0 else None
+
+    # --- what megatron-core's dataset config reads ---
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def eod(self) -> int:
+        return self.ids.eod
+
+    @property
+    def pad(self) -> int:
+        return self.ids.pad
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": self.kind, **{k: v for k, v in self.spec().items() if k != "type"}}
+
+    # --- encoding ---
+    def encode(self, text: str) -> list[int]:
+        """The ids of `text` alone: no bos/eos added (callers add the special tokens they need)."""
+        raise NotImplementedError
+
+    def encode_batch_numpy(self, texts: Sequence[str]) -> list:
+        """What preprocessing writes for each document (before the end-of-document id), as int32 arrays: exactly
+        what Megatron-LM's tokenizer of the same type gives for the text."""
+        return [np.asarray(self.encode(t), dtype=np.int32) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def id_to_piece(self, i: int) -> str:
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """type, files and special ids: `load_tokenizer_spec(spec)` recreates this tokenizer."""
+        raise NotImplementedError
+
+    def files(self) -> dict[str, str]:
+        """name in a model directory -> source path, for consolidated dirs and exports."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        ids = ", ".join(f"{k} {v}" for k, v in vars(self.ids).items() if v is not None)
+        return f"{self.kind}{' (project model)' if self.native else ''}, vocab {self.vocab_size:,}, ids: {ids}"
+
+    def __getstate__(self):
+        return self.spec()
+
+    def __setstate__(self, state):
+        self.__dict__.update(load_tokenizer_spec(state).__dict__)
+
+
+class Tokenizer(BaseTokenizer):
+    """Any SentencePiece model. Special ids come from the model (`unk_id`, `bos_id`, `eos_id`, `pad_id`; -1 means
+    absent, SentencePiece's default for pad). A model trained by `data_tools.tokenizer` is recognised by its
+    special-token layout (`SPECIAL_TOKENS`) and keeps `</d>` as end of document and its `<image>` tokens.
+    Megatron-LM's SentencePieceTokenizer encodes a text as `encode_as_ids(text)`; so does this one."""
+
+    kind = "SentencePieceTokenizer"
+
+    def __init__(self, model_path: str, eod_id: int | None = None):
         import sentencepiece as spm
 
         if not os.path.isfile(model_path):
@@ -71,32 +170,22 @@ class Tokenizer:
             self.sp.Load(self.model_path)
         except (OSError, RuntimeError) as e:
             raise UserError(f"{model_path}: not a SentencePiece model ({e})") from None
-        for i, (piece, _) in enumerate(SPECIAL_TOKENS):
-            got = self.sp.IdToPiece(i) if i < self.sp.GetPieceSize() else None
-            if got != piece:
-                raise UserError(
-                    f"{model_path}: id {i} is {got!r}, expected {piece!r}; train the model with "
-                    "`python -m data_tools.tokenizer train` so the special tokens have the project's ids"
-                )
-        self.ids = SPECIAL_IDS
+        n = self.sp.GetPieceSize()
+        self.native = n > len(SPECIAL_TOKENS) and all(
+            self.sp.IdToPiece(i) == piece for i, (piece, _) in enumerate(SPECIAL_TOKENS))
+        if self.native:
+            s = SPECIAL_IDS
+            self._set_ids(model_path, s.unk, s.bos, s.eos, s.pad, eod_id, s.eod, s.image, s.image_end)
+        else:
+            sp = self.sp
+            self._set_ids(model_path, sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id(), eod_id)
         self._word_cache: dict[str, np.ndarray] = {}
         self._word_cache_exact: bool | None = None
-        self.unique_identifiers = {"class": "SentencePieceTokenizer", "model": self.model_path}
 
-    # --- what megatron-core's dataset config reads ---
     @property
     def vocab_size(self) -> int:
         return self.sp.GetPieceSize()
 
-    @property
-    def eod(self) -> int:
-        return self.ids.eod
-
-    @property
-    def pad(self) -> int:
-        return self.ids.pad
-
-    # --- encoding ---
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
 
@@ -132,6 +221,8 @@ class Tokenizer:
             with open(self.model_path, "rb") as f:
                 m.ParseFromString(f.read())
             n = m.normalizer_spec
+            # a segment that is whitespace only would lose its spaces to the dummy prefix rules: the cut regex
+            # never makes one (it cuts only between two non-space characters)
             self._word_cache_exact = (
                 n.name == "identity" and n.add_dummy_prefix and not n.remove_extra_whitespaces
                 and n.escape_whitespaces and not m.trainer_spec.treat_whitespace_as_suffix
@@ -144,11 +235,233 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
 
-    def __getstate__(self):
-        return {"model_path": self.model_path}
+    def spec(self) -> dict:
+        return {"type": self.kind, "model": self.model_path, "eod_id": self.eod_override, "ids": vars(self.ids)}
 
-    def __setstate__(self, state):
-        self.__init__(state["model_path"])
+    def files(self) -> dict[str, str]:
+        return {"tokenizer.model": self.model_path}
+
+
+def _hf_token(cfg: dict, key: str):
+    v = cfg.get(key)
+    return v.get("content") if isinstance(v, dict) else v
+
+
+_EOS_GUESSES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+
+
+class _TokenizersBackend(BaseTokenizer):
+    """Shared by the Hugging Face and GPT-2 backends: a `tokenizers.Tokenizer` (Rust; batch encoding)."""
+
+    tk = None
+    add_special_tokens = True
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch_numpy(self, texts: Sequence[str]) -> list:
+        encs = self.tk.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tk.id_to_token(int(i))
+
+
+class HFTokenizer(_TokenizersBackend):
+    """A Hugging Face fast tokenizer from a local `tokenizer.json` (or a directory holding it, e.g. a Llama-3
+    checkpoint), read with the `tokenizers` package: offline, no transformers import. Special tokens come from the
+    directory's `tokenizer_config.json` / `special_tokens_map.json` (`bos_token`, `eos_token`, `unk_token`,
+    `pad_token`); without them eos is the first of `_EOS_GUESSES` in the vocabulary.
+
+    Megatron-LM's HuggingFaceTokenizer writes `AutoTokenizer(text).input_ids` per document, i.e. with the
+    tokenizer's own post-processor (a Llama-3 tokenizer adds `<|begin_of_text|>`); preprocessing does the same.
+    `encode` (for prompts and task samples) adds nothing."""
+
+    kind = "HuggingFaceTokenizer"
+
+    def __init__(self, path: str, eod_id: int | None = None):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.path = os.path.abspath(path)
+        if os.path.isdir(path):
+            file = os.path.join(path, "tokenizer.json")
+            if not os.path.isfile(file):
+                raise UserError(f"{path}: no tokenizer.json in this directory (a Hugging Face fast tokenizer is "
+                                "needed; for a SentencePiece model pass its .model file)")
+            self.dir = self.path
+        elif os.path.isfile(path):
+            file, self.dir = self.path, os.path.dirname(self.path)
+        else:
+            raise UserError(f"tokenizer not found: {path}")
+        self.file = file
+        try:
+            self.tk = RustTokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise UserError(f"{file}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+        cfg = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+            p = os.path.join(self.dir, name)
+            if os.path.isfile(p):
+                try:
+                    cfg.update({k: v for k, v in json.load(open(p, encoding="utf-8")).items() if v is not None})
+                except (ValueError, AttributeError) as e:
+                    raise UserError(f"{p}: not a JSON object ({e})") from None
+        ids = {}
+        for key in ("unk", "bos", "eos", "pad"):
+            name = _hf_token(cfg, f"{key}_token")
+            ids[key] = self.tk.token_to_id(name) if name else None
+            if name and ids[key] is None:
+                raise UserError(f"{self.dir}: {key}_token {name!r} is not in the vocabulary of {file}")
+        if ids["eos"] is None:
+            ids["eos"] = next((self.tk.token_to_id(t) for t in _EOS_GUESSES if self.tk.token_to_id(t) is not None),
+                              None)
+        self._set_ids(path, ids["unk"], ids["bos"], ids["eos"], ids["pad"], eod_id)
+
+    def spec(self) -> dict:
+        return {"type": self.kind, "model": self.path, "eod_id": self.eod_override, "ids": vars(self.ids)}
+
+    def files(self) -> dict[str, str]:
+        out = {"tokenizer.json": self.file}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(self.dir, name)):
+                out[name] = os.path.join(self.dir, name)
+        return out
+
+
+class GPT2BPETokenizer(_TokenizersBackend):
+    """GPT-2's byte-level BPE from a vocab.json + merges.txt pair (Megatron-LM's `--vocab-file/--merge-file`).
+    Built with the `tokenizers` package (byte-level pre-tokenizer with GPT-2's regex, no prefix space, byte-level
+    decoder), which tokenizes exactly as GPT-2's reference `bpe` code does (tests check it against transformers'
+    pure-Python GPT2Tokenizer). End of document = `<|endoftext|>`, as in Megatron-LM."""
+
+    kind = "GPT2BPETokenizer"
+    add_special_tokens = False
+
+    def __init__(self, vocab_file: str, merge_file: str, eod_id: int | None = None):
+        from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers
+
+        for flag, p in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not p or not os.path.isfile(p):
+                raise UserError(f"GPT2BPETokenizer needs {flag}: {p or '(not given)'} not found")
+        self.vocab_file, self.merge_file = os.path.abspath(vocab_file), os.path.abspath(merge_file)
+        try:
+            tk = RustTokenizer(models.BPE.from_file(self.vocab_file, self.merge_file))
+        except Exception as e:
+            raise UserError(f"{vocab_file} / {merge_file}: not a GPT-2 vocab.json + merges.txt pair "
+                            f"({str(e).splitlines()[0]})") from None
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        self.tk = tk
+        eot = tk.token_to_id("<|endoftext|>")
+        self._set_ids(vocab_file, None, eot, eot, eot, eod_id)
+
+    def spec(self) -> dict:
+        return {"type": self.kind, "vocab_file": self.vocab_file, "merge_file": self.merge_file,
+                "eod_id": self.eod_override, "ids": vars(self.ids)}
+
+    def files(self) -> dict[str, str]:
+        return {"vocab.json": self.vocab_file, "merges.txt": self.merge_file}
+
+
+def load_tokenizer(model: str = "", kind: str = "auto", vocab_file: str = "", merge_file: str = "",
+                   eod_id: int | None = None) -> BaseTokenizer:
+    """The tokenizer named Megatron-style: `kind` one of TOKENIZER_TYPES (auto: GPT-2 when vocab/merge files are
+    given; a directory with tokenizer.json or a .json file: Hugging Face; a directory with tokenizer.model or any
+    other file: SentencePiece)."""
+    if kind not in TOKENIZER_TYPES:
+        raise UserError(f"--tokenizer-type {kind!r}: expected one of {', '.join(TOKENIZER_TYPES[1:])}")
+    eod_id = None if eod_id is None or eod_id < 0 else int(eod_id)
+    if kind == "auto":
+        if vocab_file or merge_file:
+            kind = "GPT2BPETokenizer"
+        elif not model:
+            raise UserError("no tokenizer given (--tokenizer-model, or --vocab-file and --merge-file)")
+        elif os.path.isdir(model):
+            if os.path.isfile(os.path.join(model, "tokenizer.json")):
+                kind = "HuggingFaceTokenizer"
+            elif os.path.isfile(os.path.join(model, "tokenizer.model")):
+                kind, model = "SentencePieceTokenizer", os.path.join(model, "tokenizer.model")
+            elif os.path.isfile(os.path.join(model, "vocab.json")) and os.path.isfile(os.path.join(model, "merges.txt")):
+                kind, vocab_file, merge_file = ("GPT2BPETokenizer", os.path.join(model, "vocab.json"),
+                                                os.path.join(model, "merges.txt"))
+            else:
+                raise UserError(f"{model}: no tokenizer.json, tokenizer.model or vocab.json + merges.txt in this "
+                                "directory")
+        else:
+            kind = "HuggingFaceTokenizer" if model.endswith(".json") else "SentencePieceTokenizer"
+    if kind == "SentencePieceTokenizer":
+        if os.path.isdir(model) and os.path.isfile(os.path.join(model, "tokenizer.model")):
+            model = os.path.join(model, "tokenizer.model")
+        return Tokenizer(model, eod_id)
+    if kind == "HuggingFaceTokenizer":
+        return HFTokenizer(model, eod_id)
+    if not vocab_file and os.path.isdir(model):
+        vocab_file, merge_file = os.path.join(model, "vocab.json"), os.path.join(model, "merges.txt")
+    return GPT2BPETokenizer(vocab_file, merge_file, eod_id)
+
+
+def load_tokenizer_spec(spec: dict, base_dir: str | None = None) -> BaseTokenizer:
+    """Recreate a tokenizer from `spec()`; with `base_dir`, its files are looked up there by their model-dir names
+    (a consolidated dir or an export, whose META_FILE holds the spec)."""
+    kind, eod = spec.get("type", "SentencePieceTokenizer"), spec.get("eod_id")
+    if base_dir is not None:
+        if kind == "SentencePieceTokenizer":
+            return Tokenizer(os.path.join(base_dir, "tokenizer.model"), eod)
+        if kind == "HuggingFaceTokenizer":
+            return HFTokenizer(base_dir, eod)
+        return GPT2BPETokenizer(os.path.join(base_dir, "vocab.json"), os.path.join(base_dir, "merges.txt"), eod)
+    return load_tokenizer(spec.get("model", ""), kind, spec.get("vocab_file", ""), spec.get("merge_file", ""), eod)
+
+
+def load_from_dir(model_dir: str) -> BaseTokenizer:
+    """The tokenizer stored in a consolidated dir or export (META_FILE; older dirs: tokenizer.model)."""
+    meta = os.path.join(model_dir, META_FILE)
+    if os.path.isfile(meta):
+        return load_tokenizer_spec(json.load(open(meta)), base_dir=model_dir)
+    return Tokenizer(os.path.join(model_dir, "tokenizer.model"))
+
+
+def copy_to_dir(tok: BaseTokenizer, out_dir: str) -> None:
+    """Copy the tokenizer's files into a model directory and record its spec there (META_FILE)."""
+    import shutil
+
+    for name, src in tok.files().items():
+        shutil.copyfile(src, os.path.join(out_dir, name))
+    spec = {k: v for k, v in tok.spec().items() if k not in ("model", "vocab_file", "merge_file")}
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump(spec, f, indent=2)
+
+
+def add_tokenizer_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Megatron-LM's tokenizer flags (the types it shares with this project)."""
+    g = p.add_argument_group("tokenizer (Megatron-LM's flags)")
+    g.add_argument("--tokenizer-type", default="auto", choices=TOKENIZER_TYPES,
+                   help="auto: from the files given (default)")
+    g.add_argument("--tokenizer-model", default="",
+                   help="SentencePiece .model, or a Hugging Face tokenizer.json / directory")
+    g.add_argument("--vocab-file", default="", help="GPT-2 BPE vocab.json (GPT2BPETokenizer)")
+    g.add_argument("--merge-file", default="", help="GPT-2 BPE merges.txt (GPT2BPETokenizer)")
+    g.add_argument("--eod-id", type=int, default=None,
+                   help="end-of-document id (default: the tokenizer's eos; </d> for models from data_tools.tokenizer)")
+
+
+def from_data_config(d, model_override: str = "") -> BaseTokenizer:
+    """The tokenizer of a training config's data section (older configs have only tokenizer_model)."""
+    eod = getattr(d, "eod_id", -1)
+    return load_tokenizer(model_override or d.tokenizer_model, getattr(d, "tokenizer_type", "auto"),
+                          "" if model_override else getattr(d, "vocab_file", ""),
+                          "" if model_override else getattr(d, "merge_file", ""), None if eod is None or eod < 0 else eod)
+
+
+def tokenizer_from_args(args) -> BaseTokenizer:
+    return load_tokenizer(args.tokenizer_model, args.tokenizer_type, args.vocab_file, args.merge_file, args.eod_id)
 
 
 def iter_training_text(paths: Sequence[str], json_key: str = "text") -> Iterator[str]:
@@ -262,8 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--json-keys", default="text", help="jsonl key / parquet column holding the text")
     t.add_argument("--input-sentence-size", type=int, default=2_000_000,
                    help="lines sampled for training (SentencePiece's input_sentence_size)")
-    e = sub.add_parser("encode", help="print the ids and pieces of a text")
-    e.add_argument("--model", required=True)
+    e = sub.add_parser("encode", help="print the ids and pieces of a text (and the tokenizer's special ids)")
+    add_tokenizer_args(e)
+    e.add_argument("--model", dest="model_alias", default="", help=argparse.SUPPRESS)  # the older flag
     e.add_argument("text")
     args = p.parse_args(argv)
     if args.cmd == "train":
@@ -277,9 +591,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {path} (vocab {tok.vocab_size}, special ids "
               f"{json.dumps({a: getattr(tok.ids, a) for _, a in SPECIAL_TOKENS})})")
     else:
-        tok = Tokenizer(args.model)
+        args.tokenizer_model = args.tokenizer_model or args.model_alias
+        tok = tokenizer_from_args(args)
         ids = tok.encode(args.text)
-        print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
+        print(json.dumps({"tokenizer": tok.describe(), "ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]},
+                         ensure_ascii=False))
     return 0
 
 

@@ -30,7 +30,8 @@ class ModelLoadError(ValueError):
 
 def load_model(path: str):
     """(model, cfg, tokenizer, info) from a consolidated directory or a DeepSpeed checkpoint of pretrain.train."""
-    from data_tools.tokenizer import Tokenizer
+    from data_tools.cli import UserError
+    from data_tools.tokenizer import load_from_dir
     from pretrain.convert import ConvertError, load_into, read_checkpoint, read_consolidated, resolve_tokenizer
     from pretrain.parallel import init_distributed, init_model_parallel
 
@@ -39,24 +40,24 @@ def load_model(path: str):
     try:
         if os.path.isfile(os.path.join(path, "metalm.json")):
             cfg, sd, info = read_consolidated(path)
-            tok_path = os.path.join(path, "tokenizer.model")
+            tok = load_from_dir(path)
         else:
             ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
             if not (os.path.isfile(os.path.join(ckpt, "latest")) or os.path.isfile(os.path.join(ckpt, "COMPLETE"))):
                 raise ModelLoadError(f"{path}: neither a consolidated model (metalm.json) nor a run / checkpoint "
                                      "directory of pretrain.train (latest, COMPLETE)")
             cfg, sd, info = read_checkpoint(ckpt)
-            tok_path = resolve_tokenizer(cfg)
+            tok = resolve_tokenizer(cfg)
         init_distributed("gloo")
         init_model_parallel(1, 1)
         from pretrain.model.metalm import MetaLM
 
         model = MetaLM(cfg.model)
         load_into(model, sd)
-    except ConvertError as e:
+    except (ConvertError, UserError) as e:
         raise ModelLoadError(str(e)) from None
     info = dict(info, path=os.path.abspath(path))
-    return model.eval(), cfg, Tokenizer(tok_path), info
+    return model.eval(), cfg, tok, info
 
 
 @contextlib.contextmanager
@@ -113,7 +114,7 @@ def new_cache(model, B: int, max_len: int):
 
     attn = model.decoder.stack.layers[0].attn
     p = next(model.parameters())
-    return KVCache(len(model.decoder.stack.layers), B, attn.local_heads, max_len, attn.head_dim, p.dtype, p.device)
+    return KVCache(len(model.decoder.stack.layers), B, attn.local_kv_heads, max_len, attn.head_dim, p.dtype, p.device)
 
 
 def step_mask(key_valid_BS: torch.Tensor, offset: int, n_new: int) -> AttentionMask:

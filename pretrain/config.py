@@ -16,6 +16,12 @@ class ConfigError(ValueError):
     """A mistake in a config file or override, naming the field."""
 
 
+ROPE_SCALING = {  # supported rope_scaling types and their keys (transformers' names), see RotaryEmbedding
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
 @dataclass
 class StackConfig:
     """A stack of pre-norm transformer blocks (RMSNorm, RoPE, SwiGLU, no biases)."""
@@ -25,21 +31,35 @@ class StackConfig:
     ffn_hidden: int = 0  # 0: SwiGLU default 8/3 * hidden, rounded up
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    kv_heads: int = 0  # 0: = heads; fewer: grouped-query attention (heads a multiple of kv_heads)
+    head_dim: int = 0  # 0: hidden // heads; Llama-family configs may set it explicitly
+    rope_scaling: dict | None = None  # None, {"type": "linear", "factor": f} or {"type": "llama3", ...} (ROPE_SCALING)
 
     def __post_init__(self):
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if not self.head_dim:
+            if self.hidden % self.heads:
+                raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+            self.head_dim = self.hidden // self.heads
+        if not self.kv_heads:
+            self.kv_heads = self.heads
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even (rotary embedding)")
         if not self.ffn_hidden:
             mult = 256 if self.hidden >= 1024 else 64
             self.ffn_hidden = int(math.ceil(8 * self.hidden / 3 / mult) * mult)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type")
+            if kind not in ROPE_SCALING:
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_SCALING)})")
+            missing = [k for k in ROPE_SCALING[kind] if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling {kind}: missing {', '.join(missing)}")
 
     def block_params(self) -> int:
-        d, f = self.hidden, self.ffn_hidden
-        return 4 * d * d + 3 * d * f + 2 * d  # qkv + out, gate/up/down, two norms
+        d, f, q, kv = self.hidden, self.ffn_hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d  # q + out, k + v, gate/up/down, two norms
 
 
 @dataclass
@@ -234,7 +254,15 @@ class LoggingConfig:
 
 @dataclass
 class DataSection:
+    # the tokenizer, as Megatron-LM names it (data_tools.tokenizer): type auto | SentencePieceTokenizer |
+    # HuggingFaceTokenizer | GPT2BPETokenizer; model = .model file or tokenizer.json / its directory; vocab/merge
+    # files for GPT-2 BPE; eod_id -1 = the tokenizer's default (eos; </d> for the project's own models). Empty
+    # tokenizer fields are taken from the dataset's PREFIX.tokenizer.json written by preprocessing.
     tokenizer_model: str = ""
+    tokenizer_type: str = "auto"
+    vocab_file: str = ""
+    merge_file: str = ""
+    eod_id: int = -1
     data_path: list = field(default_factory=list)  # prefix, or weight prefix weight prefix ...
     split: str = "969,30,1"
     seq_length: int = 512
@@ -316,9 +344,11 @@ def _model_base(raw: dict) -> dict:
     if name not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
     base = dataclasses.asdict(PRESETS[name]())
-    for stack in _stacks(base):  # a derived FFN size follows the hidden size when that is overridden
-        if stack["ffn_hidden"] == StackConfig(stack["layers"], stack["hidden"], stack["heads"]).ffn_hidden:
-            stack["ffn_hidden"] = 0
+    for stack in _stacks(base):  # derived sizes follow the hidden size / heads when those are overridden
+        derived = StackConfig(stack["layers"], stack["hidden"], stack["heads"])
+        for key in ("ffn_hidden", "head_dim", "kv_heads"):
+            if stack[key] == getattr(derived, key):
+                stack[key] = 0
     return _merge(base, raw)
 
 

@@ -174,14 +174,17 @@ def read_checkpoint(path: str) -> tuple[object, dict, dict]:
                      **({"world_size": int(world)} if world is not None else {})}
 
 
-def resolve_tokenizer(cfg, override: str = "") -> str:
-    """The tokenizer model of a checkpoint: `override` (--tokenizer-model) if given, else the path saved in its config
-    (absolute since runs save resolved paths; older runs saved it as given, relative to the training directory)."""
-    path = override or cfg.data.tokenizer_model
-    if not path or not os.path.isfile(path):
-        raise ConvertError(f"tokenizer model {path!r} (from the checkpoint's config) not found from {os.getcwd()}; "
-                           "pass --tokenizer-model PATH")
-    return path
+def resolve_tokenizer(cfg, override: str = ""):
+    """The tokenizer of a checkpoint: `override` (--tokenizer-model) if given, else the one its config names (type,
+    files, eod id; absolute paths since runs save resolved paths; older runs saved them as given)."""
+    from data_tools.cli import UserError
+    from data_tools.tokenizer import from_data_config
+
+    try:
+        return from_data_config(cfg.data, override)
+    except UserError as e:
+        raise ConvertError(f"tokenizer of the checkpoint's config: {e} (from {os.getcwd()}); "
+                           "pass --tokenizer-model PATH") from None
 
 
 # ---------------------------------------------------------------- the consolidated format
@@ -223,15 +226,22 @@ def check_against_model(cfg, sd: dict) -> None:
         raise ConvertError(f"shape mismatch for {bad[0][0]}: weights {bad[0][1]}, architecture {bad[0][2]}")
 
 
-def write_consolidated(out: str, cfg, sd: dict, tokenizer_model: str, info: dict, dtype: str = "fp32") -> str:
+def write_consolidated(out: str, cfg, sd: dict, tokenizer, info: dict, dtype: str = "fp32") -> str:
+    """`tokenizer`: a data_tools.tokenizer object (or a path): its files are copied in, with its spec
+    (tokenizer_meta.json), which is what readers of the directory load (`data_tools.tokenizer.load_from_dir`)."""
     import yaml
     from safetensors.torch import save_file
 
+    from data_tools.cli import UserError
+    from data_tools.tokenizer import BaseTokenizer, copy_to_dir, load_tokenizer
     from pretrain.config import config_to_dict
 
     check_against_model(cfg, sd)
-    if not os.path.isfile(tokenizer_model):
-        raise ConvertError(f"tokenizer model not found: {tokenizer_model}")
+    if not isinstance(tokenizer, BaseTokenizer):
+        try:
+            tokenizer = load_tokenizer(tokenizer)
+        except UserError as e:
+            raise ConvertError(str(e)) from None
     tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
 
     def write(tmp):
@@ -239,7 +249,7 @@ def write_consolidated(out: str, cfg, sd: dict, tokenizer_model: str, info: dict
                   metadata={"format": FORMAT})
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-        shutil.copyfile(tokenizer_model, os.path.join(tmp, "tokenizer.model"))
+        copy_to_dir(tokenizer, tmp)
         with open(os.path.join(tmp, "metalm.json"), "w") as f:
             json.dump({"format": FORMAT, "version": 1, "dtype": dtype, **info}, f, indent=2)
 
@@ -266,7 +276,7 @@ def read_consolidated(path: str) -> tuple[object, dict, dict]:
 
 def load_consolidated(path: str):
     """(MetaLM in eval mode on CPU, TrainConfig, Tokenizer): no DeepSpeed, no launcher (a one-process group)."""
-    from data_tools.tokenizer import Tokenizer
+    from data_tools.tokenizer import load_from_dir
     from pretrain.parallel import init_distributed, init_model_parallel
 
     cfg, sd, _ = read_consolidated(path)
@@ -276,7 +286,7 @@ def load_consolidated(path: str):
 
     model = MetaLM(cfg.model)
     load_into(model, sd)
-    return model.eval(), cfg, Tokenizer(os.path.join(path, "tokenizer.model"))
+    return model.eval(), cfg, load_from_dir(path)
 
 
 def load_into(model: torch.nn.Module, sd: dict, tp_rank: int = 0, tp: int = 1, pipeline_layers: int = 0) -> None:
@@ -325,29 +335,45 @@ def _hf_names(L: int) -> dict:
 
 def to_hf_state_dict(cfg, sd: dict) -> dict:
     d = cfg.model.decoder
+    H, K, D = d.heads, d.kv_heads, d.head_dim
+    g = H // K
     out = {}
     for ours, theirs in _hf_names(d.layers).items():
         if ours in sd:
             out[theirs] = sd[ours]
     for i in range(d.layers):
-        # our fused QKV rows are laid out (head, {q,k,v}, head_dim): split back into HF's q/k/v projections
-        qkv = sd[f"decoder.stack.layers.{i}.attn.qkv.weight"].view(d.heads, 3, d.head_dim, d.hidden)
-        for j, n in enumerate("qkv"):
-            out[f"model.layers.{i}.self_attn.{n}_proj.weight"] = qkv[:, j].reshape(d.hidden, d.hidden).contiguous()
+        # our fused QKV rows are laid out (kv_head, {q_1..q_g, k, v}, head_dim): split into HF's q/k/v projections
+        qkv = sd[f"decoder.stack.layers.{i}.attn.qkv.weight"].view(K, g + 2, D, d.hidden)
+        p = f"model.layers.{i}.self_attn."
+        out[p + "q_proj.weight"] = qkv[:, :g].reshape(H * D, d.hidden).contiguous()
+        out[p + "k_proj.weight"] = qkv[:, g].reshape(K * D, d.hidden).contiguous()
+        out[p + "v_proj.weight"] = qkv[:, g + 1].reshape(K * D, d.hidden).contiguous()
     return out
 
 
 def from_hf_state_dict(cfg, hf: dict) -> dict:
     d = cfg.model.decoder
+    H, K, D = d.heads, d.kv_heads, d.head_dim
+    g = H // K
     out = {}
     for ours, theirs in _hf_names(d.layers).items():
         if theirs in hf and not (ours == "decoder.output.weight" and cfg.model.tie_embeddings):
             out[ours] = hf[theirs]
     for i in range(d.layers):
-        q, k, v = (hf[f"model.layers.{i}.self_attn.{n}_proj.weight"].view(d.heads, d.head_dim, d.hidden)
-                   for n in "qkv")
-        out[f"decoder.stack.layers.{i}.attn.qkv.weight"] = torch.stack([q, k, v], 1).reshape(3 * d.hidden, d.hidden)
+        p = f"model.layers.{i}.self_attn."
+        q = hf[p + "q_proj.weight"].view(K, g, D, d.hidden)
+        k = hf[p + "k_proj.weight"].view(K, 1, D, d.hidden)
+        v = hf[p + "v_proj.weight"].view(K, 1, D, d.hidden)
+        out[f"decoder.stack.layers.{i}.attn.qkv.weight"] = torch.cat([q, k, v], 1).reshape((H + 2 * K) * D, d.hidden)
     return out
+
+
+def _rope_parameters(d) -> dict:
+    """Our rotary settings in transformers' `rope_parameters` form."""
+    params = {"rope_type": "default", "rope_theta": d.rope_theta}
+    if d.rope_scaling:
+        params.update({k: v for k, v in d.rope_scaling.items() if k != "type"}, rope_type=d.rope_scaling["type"])
+    return params
 
 
 def hf_config(cfg, tokenizer):
@@ -355,21 +381,46 @@ def hf_config(cfg, tokenizer):
 
     m, d = cfg.model, cfg.model.decoder
     return LlamaConfig(vocab_size=m.vocab_size, hidden_size=d.hidden, intermediate_size=d.ffn_hidden,
-                       num_hidden_layers=d.layers, num_attention_heads=d.heads, num_key_value_heads=d.heads,
-                       hidden_act="silu", max_position_embeddings=m.max_seq_length, rms_norm_eps=d.norm_eps,
-                       rope_theta=d.rope_theta, tie_word_embeddings=m.tie_embeddings, attention_bias=False,
-                       mlp_bias=False, bos_token_id=tokenizer.ids.bos, eos_token_id=tokenizer.ids.eos,
+                       num_hidden_layers=d.layers, num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
+                       head_dim=d.head_dim, hidden_act="silu", max_position_embeddings=m.max_seq_length,
+                       rms_norm_eps=d.norm_eps, rope_parameters=_rope_parameters(d),
+                       tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False,
+                       bos_token_id=tokenizer.ids.bos, eos_token_id=tokenizer.ids.eos,
                        pad_token_id=tokenizer.ids.pad, torch_dtype="float32")
+
+
+def _export_tokenizer(tok, tmp: str, max_len: int) -> None:
+    """The tokenizer's files in a form transformers' AutoTokenizer loads offline, plus our tokenizer_meta.json (so
+    import-hf gets the same tokenizer back, end-of-document id included)."""
+    from transformers import AutoTokenizer
+
+    from data_tools.tokenizer import copy_to_dir
+
+    copy_to_dir(tok, tmp)
+    if tok.kind == "HuggingFaceTokenizer":
+        return  # tokenizer.json (+ its config files) as the user gave them
+    piece = tok.id_to_piece
+    special = {"bos_token": piece(tok.ids.bos), "eos_token": piece(tok.ids.eos), "pad_token": piece(tok.ids.pad)}
+    if tok.ids.unk is not None:
+        special["unk_token"] = piece(tok.ids.unk)
+    if tok.kind == "SentencePieceTokenizer":
+        conf = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
+                "legacy": True}
+    else:
+        conf = {"tokenizer_class": "GPT2Tokenizer", **special, "add_prefix_space": False}
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump({**conf, "model_max_length": max_len}, f, indent=2)
+    AutoTokenizer.from_pretrained(tmp).save_pretrained(tmp)  # adds tokenizer.json (fast tokenizer)
 
 
 def export_hf(model_dir: str, out: str, dtype: str = "fp32") -> str:
     """The decoder as LlamaForCausalLM (config.json, model.safetensors, tokenizer files)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from data_tools.tokenizer import Tokenizer
+    from data_tools.tokenizer import load_from_dir
 
     cfg, sd, _ = read_consolidated(model_dir)
-    tok = Tokenizer(os.path.join(model_dir, "tokenizer.model"))
+    tok = load_from_dir(model_dir)
     hf = to_hf_state_dict(cfg, sd)
 
     def write(tmp):
@@ -382,62 +433,119 @@ def export_hf(model_dir: str, out: str, dtype: str = "fp32") -> str:
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
             raise ConvertError(f"export left parameters unset: {missing[:4]}")
-        # stop at the end of a sentence and at our end-of-document token (what pretraining documents end with)
-        model.generation_config.eos_token_id = [tok.ids.eos, tok.ids.eod]
+        # stop at the end of a sentence and at the end-of-document id (what pretraining documents end with)
+        model.generation_config.eos_token_id = list(dict.fromkeys([tok.ids.eos, tok.ids.eod]))
         model.generation_config.pad_token_id = tok.ids.pad
         model.save_pretrained(tmp, safe_serialization=True)
-        shutil.copyfile(os.path.join(model_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                       "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False,
-                       "legacy": True, "model_max_length": cfg.model.max_seq_length}, f, indent=2)
-        AutoTokenizer.from_pretrained(tmp).save_pretrained(tmp)  # adds tokenizer.json (fast tokenizer)
+        _export_tokenizer(tok, tmp, cfg.model.max_seq_length)
 
     return _write_dir(out, write)
 
 
+# config.json fields that change what a Llama model computes, and what import-hf does with each
+_HF_REFUSED_ACT = "hidden_act {!r}: only silu (SwiGLU) is supported by our decoder"
+
+
+def hf_decoder_config(hc: dict, where: str):
+    """StackConfig for a Llama config.json, or ConvertError naming the first field we cannot run as transformers
+    does (never a silent import with other numbers)."""
+    from pretrain.config import ROPE_SCALING, StackConfig
+
+    if hc.get("model_type") != "llama":
+        raise ConvertError(f"{where}: model_type {hc.get('model_type')!r}, only 'llama' can be imported")
+    act = hc.get("hidden_act", hc.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise ConvertError(f"{where}: " + _HF_REFUSED_ACT.format(act))
+    for key in ("attention_bias", "mlp_bias"):
+        if hc.get(key):
+            raise ConvertError(f"{where}: {key}=true: biases are not supported by our decoder")
+    if (hc.get("pretraining_tp") or 1) != 1:
+        raise ConvertError(f"{where}: pretraining_tp={hc['pretraining_tp']}: only 1 is supported")
+    rope = dict(hc.get("rope_parameters") or {})
+    if hc.get("rope_scaling"):
+        rope.update(hc["rope_scaling"])
+    theta = float(hc.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    scaling = None
+    if kind != "default":
+        if kind not in ROPE_SCALING:
+            raise ConvertError(f"{where}: rope_scaling type {kind!r} is not supported (supported: default, "
+                               f"{', '.join(ROPE_SCALING)})")
+        missing = [k for k in ROPE_SCALING[kind] if k not in rope]
+        if missing:
+            raise ConvertError(f"{where}: rope_scaling {kind} needs {', '.join(missing)}")
+        scaling = {"type": kind, **{k: rope[k] for k in ROPE_SCALING[kind]}}
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConvertError(f"{where}: partial_rotary_factor={rope['partial_rotary_factor']}: only full rotary "
+                           "embeddings are supported")
+    heads = hc["num_attention_heads"]
+    kv = hc.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise ConvertError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    try:
+        return StackConfig(hc["num_hidden_layers"], hc["hidden_size"], heads, ffn_hidden=hc["intermediate_size"],
+                           norm_eps=hc["rms_norm_eps"], rope_theta=theta, kv_heads=kv,
+                           head_dim=hc.get("head_dim") or 0, rope_scaling=scaling)
+    except ValueError as e:
+        raise ConvertError(f"{where}: {e}") from None
+
+
 def import_hf(hf_dir: str, out: str, encoder_preset: str = "") -> str:
-    """A LlamaForCausalLM directory -> our consolidated format (decoder; optionally a fresh text encoder)."""
+    """A LlamaForCausalLM directory -> our consolidated format (decoder; optionally a fresh text encoder). Its own
+    tokenizer comes along: tokenizer.model (SentencePiece), else tokenizer.json, else vocab.json + merges.txt."""
     import dataclasses
 
     from safetensors.torch import load_file
 
     from data_tools.cli import UserError
-    from data_tools.tokenizer import Tokenizer
-    from pretrain.config import PRESETS, ModelConfig, StackConfig, TrainConfig
+    from data_tools.tokenizer import META_FILE, load_from_dir, load_tokenizer
+    from pretrain.config import PRESETS, ModelConfig, TrainConfig
 
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConvertError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    hc = json.load(open(cfg_path))
-    if hc.get("model_type") != "llama":
-        raise ConvertError(f"{hf_dir}: model_type {hc.get('model_type')!r}, only 'llama' can be imported")
-    if hc.get("num_key_value_heads", hc["num_attention_heads"]) != hc["num_attention_heads"]:
-        raise ConvertError(f"{hf_dir}: grouped-query attention (num_key_value_heads != num_attention_heads) "
-                           "is not supported by our decoder")
-    if hc.get("attention_bias") or hc.get("mlp_bias"):
-        raise ConvertError(f"{hf_dir}: biases in attention/MLP are not supported by our decoder")
-    tok_path = os.path.join(hf_dir, "tokenizer.model")
     try:
-        tok = Tokenizer(tok_path)
+        hc = json.load(open(cfg_path))
+    except ValueError as e:
+        raise ConvertError(f"{cfg_path}: not JSON ({e})") from None
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+                "rms_norm_eps", "max_position_embeddings"):
+        if key not in hc:
+            raise ConvertError(f"{cfg_path}: missing {key}")
+    dec = hf_decoder_config(hc, cfg_path)
+    try:
+        if os.path.isfile(os.path.join(hf_dir, META_FILE)):  # exported by us: the same tokenizer, eod included
+            tok = load_from_dir(hf_dir)
+        elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+            tok = load_tokenizer(os.path.join(hf_dir, "tokenizer.model"), "SentencePieceTokenizer")
+        else:
+            tok = load_tokenizer(hf_dir)
     except UserError as e:
-        raise ConvertError(f"vocabulary mismatch: {e}") from None
+        raise ConvertError(f"tokenizer of {hf_dir}: {e}") from None
     if tok.vocab_size > hc["vocab_size"]:
         raise ConvertError(f"vocabulary mismatch: tokenizer has {tok.vocab_size} pieces, model {hc['vocab_size']}")
-    dec = StackConfig(hc["num_hidden_layers"], hc["hidden_size"], hc["num_attention_heads"],
-                      ffn_hidden=hc["intermediate_size"], norm_eps=hc["rms_norm_eps"],
-                      rope_theta=float(hc.get("rope_theta") or hc.get("rope_parameters", {}).get("rope_theta", 1e4)))
     base = PRESETS[encoder_preset]() if encoder_preset else ModelConfig()
     model_cfg = dataclasses.replace(base, vocab_size=hc["vocab_size"], max_seq_length=hc["max_position_embeddings"],
                                     decoder=dec, tie_embeddings=bool(hc.get("tie_word_embeddings", False)),
                                     encoder=base.encoder if encoder_preset else None)
     cfg = TrainConfig(model=model_cfg)
-    cfg.data.tokenizer_model = tok_path
+    spec = tok.spec()
+    cfg.data.tokenizer_type = tok.kind
+    cfg.data.tokenizer_model = spec.get("model", "")
+    cfg.data.vocab_file, cfg.data.merge_file = spec.get("vocab_file", ""), spec.get("merge_file", "")
+    cfg.data.eod_id = -1 if spec.get("eod_id") is None else spec["eod_id"]
     hf = {}
     for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
         hf.update(load_file(f))
     if not hf:
         raise ConvertError(f"{hf_dir}: no *.safetensors weights")
+    for i in range(dec.layers):
+        for n, rows in (("q", dec.heads), ("k", dec.kv_heads), ("v", dec.kv_heads)):
+            w = hf.get(f"model.layers.{i}.self_attn.{n}_proj.weight")
+            if w is None or tuple(w.shape) != (rows * dec.head_dim, dec.hidden):
+                raise ConvertError(f"{hf_dir}: model.layers.{i}.self_attn.{n}_proj.weight has shape "
+                                   f"{None if w is None else tuple(w.shape)}, config.json implies "
+                                   f"{(rows * dec.head_dim, dec.hidden)}")
     sd = {k: v.float() for k, v in from_hf_state_dict(cfg, hf).items()}
     if encoder_preset:  # a fresh (randomly initialised) encoder and connector for continued pretraining
         from pretrain.parallel import init_distributed, init_model_parallel
@@ -449,7 +557,7 @@ def import_hf(hf_dir: str, out: str, encoder_preset: str = "") -> str:
         fresh = MetaLM(model_cfg).state_dict()
         sd.update({k: v for k, v in fresh.items()
                    if k.startswith(("encoder.", "connector.")) and not k.endswith("._extra_state")})
-    return write_consolidated(out, cfg, sd, tok_path, {"source": os.path.abspath(hf_dir), "imported_from": "hf"})
+    return write_consolidated(out, cfg, sd, tok, {"source": os.path.abspath(hf_dir), "imported_from": "hf"})
 
 
 # ---------------------------------------------------------------- CLI
@@ -480,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     import warnings
 
+    from data_tools.cli import UserError
+
     warnings.filterwarnings("ignore")
     try:
         if args.cmd in ("consolidate", "reshard"):
@@ -502,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"wrote {export_hf(cons, args.out, args.dtype)}")
         else:
             print(f"wrote {import_hf(args.hf, args.out, args.encoder_preset)}")
-    except ConvertError as e:
+    except (ConvertError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -73,7 +73,7 @@ class BlockPipe(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.rope = RotaryEmbedding(cfg.decoder.head_dim, cfg.decoder.rope_theta)
+        self.rope = RotaryEmbedding(cfg.decoder.head_dim, cfg.decoder.rope_theta, cfg.decoder.rope_scaling)
         self.block = Block(cfg.decoder, cfg.init_std, cfg.decoder.layers)
 
     def forward(self, inputs):

@@ -68,6 +68,9 @@ def validate(cfg: TrainConfig, world: int) -> None:
     for name, s in stacks:
         if s.heads % p.tp:
             raise ConfigError(f"{name}.heads={s.heads} is not divisible by parallel.tp={p.tp}")
+        if s.kv_heads % p.tp:
+            raise ConfigError(f"{name}.kv_heads={s.kv_heads} is not divisible by parallel.tp={p.tp} (each rank "
+                              "holds whole key/value groups)")
         if s.ffn_hidden % p.tp:
             raise ConfigError(f"{name}.ffn_hidden={s.ffn_hidden} is not divisible by parallel.tp={p.tp}")
     if m.vocab_size % p.tp:

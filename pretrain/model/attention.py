@@ -9,7 +9,8 @@ Backends:
 - "flex_eager": uncompiled flex_attention, forward only on CPU: used by tests to check flex against sdpa.
 Same numbers from all (tests check it).
 
-Legend: B batch, H heads, L query length, S key length, D head dim.
+Legend: B batch, H heads, K key/value heads (H, or fewer with grouped-query attention), L query length, S key
+length, D head dim.
 """
 from __future__ import annotations
 
@@ -60,10 +61,14 @@ class AttentionMask:
         return cls(backend, create_block_mask(mask_mod, B, None, L, S, device=device))
 
 
-def attend(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+def attend(q_BHLD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Keys/values may have fewer heads K than the queries (grouped-query attention: query head h reads kv head
+    h // (H / K)); both backends broadcast them (`enable_gqa`) without materialising the repeat."""
+    gqa = k_BKSD.shape[1] != q_BHLD.shape[1]
     if mask.backend == "sdpa":
-        return F.scaled_dot_product_attention(q_BHLD, k_BHSD, v_BHSD, attn_mask=mask.data, is_causal=mask.is_causal)
+        return F.scaled_dot_product_attention(q_BHLD, k_BKSD, v_BKSD, attn_mask=mask.data, is_causal=mask.is_causal,
+                                              enable_gqa=gqa)
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = _compiled_flex() if mask.backend == "flex" else flex_attention
-    return fn(q_BHLD, k_BHSD, v_BHSD, block_mask=mask.data)
+    return fn(q_BHLD, k_BKSD, v_BKSD, block_mask=mask.data, enable_gqa=gqa)

@@ -1,16 +1,19 @@
 """Transformer blocks on megatron-core tensor-parallel layers.
 
 Choices: pre-norm RMSNorm; rotary positions (Llama's rotate-half convention, so weights export to HF Llama as
-they are); SwiGLU MLP; no biases. Attention: fused QKV `ColumnParallelLinear` with the output laid out per head as
-(head, {q,k,v}, head_dim), so a contiguous tensor-parallel split gives each rank whole heads; output projection
-`RowParallelLinear`. MLP: gate and up `ColumnParallelLinear`, down `RowParallelLinear`. Layers run batch-first
+they are; Llama's `linear` and `llama3` frequency scaling); SwiGLU MLP; no biases. Attention: fused QKV
+`ColumnParallelLinear` with the output laid out per key/value group as (kv_head, {q_1..q_g, k, v}, head_dim) —
+Megatron's grouped-query layout; with kv_heads == heads it is (head, {q,k,v}, head_dim) — so a contiguous
+tensor-parallel split gives each rank whole groups; output projection `RowParallelLinear`. MLP: gate and up `ColumnParallelLinear`, down `RowParallelLinear`. Layers run batch-first
 ([B, L, d]): without sequence parallelism megatron's layers only act on the last dimension.
 Weights are initialised on CPU at full size and then split (megatron's `use_cpu_initialization`), so TP=1 and
 TP=2 start from the same full weights for the same seed. The same code runs at TP=1.
 
-Legend: B batch, L length, d hidden, H local heads (heads / TP), D head dim.
+Legend: B batch, L length, d hidden, H local heads (heads / TP), K local kv heads, g = H / K, D head dim.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -39,11 +42,31 @@ def init_normal(std: float):
     return lambda w: nn.init.normal_(w, mean=0.0, std=std)
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies, with Llama's frequency scaling as transformers defines it (`linear`: every
+    frequency / factor; `llama3`: low frequencies / factor, high ones kept, a smooth ramp between)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    if not scaling:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    if scaling["type"] == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {scaling['type']!r} is not supported")
+
+
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim),
-                             persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
 
     def forward(self, position_ids_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids_BL.float()[..., None] * self.inv_freq  # [B, L, D/2]
@@ -62,24 +85,32 @@ class SelfAttention(nn.Module):
         super().__init__()
         tp = import_mcore().tensor_parallel
         mp = mp_config()
-        if cfg.heads % mp.tensor_model_parallel_size:
-            raise ValueError(f"heads {cfg.heads} not divisible by tensor parallel size {mp.tensor_model_parallel_size}")
-        self.local_heads = cfg.heads // mp.tensor_model_parallel_size
+        n_tp = mp.tensor_model_parallel_size
+        if cfg.kv_heads % n_tp:
+            what = "heads" if cfg.kv_heads == cfg.heads else "kv_heads"
+            raise ValueError(f"{what} {cfg.kv_heads} not divisible by tensor parallel size {n_tp}")
+        self.local_heads, self.local_kv_heads = cfg.heads // n_tp, cfg.kv_heads // n_tp
+        self.group = cfg.heads // cfg.kv_heads
         self.head_dim = cfg.head_dim
-        self.qkv = tp.ColumnParallelLinear(cfg.hidden, 3 * cfg.hidden, config=mp, init_method=init_normal(init_std),
+        qkv_out = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = tp.ColumnParallelLinear(cfg.hidden, qkv_out, config=mp, init_method=init_normal(init_std),
                                            bias=False, gather_output=False)
-        self.proj = tp.RowParallelLinear(cfg.hidden, cfg.hidden, config=mp, init_method=init_normal(out_std),
-                                         bias=False, input_is_parallel=True, skip_bias_add=False)
+        self.proj = tp.RowParallelLinear(cfg.heads * cfg.head_dim, cfg.hidden, config=mp,
+                                         init_method=init_normal(out_std), bias=False, input_is_parallel=True,
+                                         skip_bias_add=False)
 
     def forward(self, x_BLd, rope, mask: AttentionMask, cache: "KVCache | None" = None, layer: int = 0):
         B, L, _ = x_BLd.shape
+        g, K, D = self.group, self.local_kv_heads, self.head_dim
         qkv, _ = self.qkv(x_BLd)
-        q, k, v = qkv.view(B, L, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)  # [B,H,L,D]
+        qkv = qkv.view(B, L, K, g + 2, D)
+        q = qkv[:, :, :, :g].reshape(B, L, K * g, D).transpose(1, 2)  # [B,H,L,D]; head h uses kv head h // g
+        k, v = qkv[:, :, :, g].transpose(1, 2), qkv[:, :, :, g + 1].transpose(1, 2)  # [B,K,L,D]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # keys/values of this layer: cached ones + these L (the mask spans all of them)
             k, v = cache.update(layer, k, v)
-        o = attend(q, k, v, mask).transpose(1, 2).reshape(B, L, self.local_heads * self.head_dim)
+        o = attend(q, k, v, mask).transpose(1, 2).reshape(B, L, self.local_heads * D)
         out, _ = self.proj(o)
         return out
 
@@ -119,7 +150,8 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: [layers, B, H, S_max, D] buffers, `length` filled.
+    """Keys and values of every layer for incremental decoding: [layers, B, K, S_max, D] buffers (K: local kv
+    heads, so grouped-query attention caches heads/kv_heads times less), `length` filled.
     A forward over L new positions writes them at [length, length+L) in every layer and attends over [0, length+L);
     the caller then calls `advance(L)`. Under TP each rank caches its own heads."""
 
@@ -153,7 +185,7 @@ class Stack(nn.Module):
                  checkpoint: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if rope else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if rope else None
         self.layers = nn.ModuleList(Block(cfg, init_std, cfg.layers) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.frozen_layers = frozen_layers
