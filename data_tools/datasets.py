@@ -225,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_tools.datasets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", nargs="+", required=True, help="prefix, or weight/prefix pairs (Megatron style)")
-    p.add_argument("--tokenizer-model", required=True)
+    from data_tools.tokenizer import add_tokenizer_args
+
+    add_tokenizer_args(p)
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--split", default="98,2,0", help="train,valid,test weights (by documents; Megatron style)")
     p.add_argument("--mode", choices=["sclm", "gpt"], default="sclm")
@@ -233,9 +235,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--train-samples", type=int, default=1000)
     p.add_argument("--show", type=int, default=2, help="samples to print")
     args = p.parse_args(argv)
-    from data_tools.tokenizer import Tokenizer
+    from data_tools.tokenizer import dataset_tokenizer_spec, load_tokenizer_spec, tokenizer_from_args
 
-    tok = Tokenizer(args.tokenizer_model)
+    if args.tokenizer_model or args.vocab_file:
+        tok = tokenizer_from_args(args)
+    else:  # the tokenizer preprocessing recorded beside the (first) dataset
+        spec = dataset_tokenizer_spec(parse_blend(args.data_path)[0][0])
+        if spec is None:
+            raise UserError("--tokenizer-model: required (the dataset has no PREFIX.tokenizer.json)")
+        tok = load_tokenizer_spec(spec)
     cfg = DataConfig(data_path=args.data_path, split=args.split, seq_length=args.seq_length, seed=args.seed,
                      mode=args.mode)
     train, valid, test = build_datasets(cfg, tok, [args.train_samples, 10, 10])

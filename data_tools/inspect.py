@@ -38,7 +38,8 @@ def document_tokens(ds, i: int) -> np.ndarray:
     docs = ds.document_indices
     if not 0 <= i < len(docs) - 1:
         raise UserError(f"--decode {i}: dataset has documents 0..{len(docs) - 2}")
-    return np.concatenate([ds[j] for j in range(docs[i], docs[i + 1])])
+    parts = [ds[j] for j in range(docs[i], docs[i + 1])]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # an empty document (no sequence)
 
 
 def histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
@@ -56,29 +57,38 @@ def histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
     return lines
 
 
-def inspect(prefix: str, tokenizer_model: str | None = None, decode: Sequence[int] = (), max_tokens: int = 400) -> str:
+def inspect(prefix: str, tokenizer=None, decode: Sequence[int] = (), max_tokens: int = 400) -> str:
+    """`tokenizer`: a tokenizer object, a model path, or None (the one recorded in PREFIX.tokenizer.json)."""
+    from data_tools.tokenizer import BaseTokenizer, dataset_tokenizer_spec, load_tokenizer, load_tokenizer_spec
+
     check_dataset_prefix(prefix)
     header = read_header(prefix + ".idx")
     ds = import_indexed_dataset().IndexedDataset(prefix)
     seq_lengths = ds.sequence_lengths.astype(np.int64)
     doc_idx = ds.document_indices
-    doc_lengths = np.add.reduceat(seq_lengths, doc_idx[:-1]) if len(seq_lengths) and len(doc_idx) > 1 else np.zeros(0)
+    # per document: tokens of its sequences (Megatron's writer keeps documents that tokenized to nothing as
+    # empty entries: repeated boundaries, zero sequences)
+    doc_lengths = np.diff(np.concatenate([[0], np.cumsum(seq_lengths)])[doc_idx]) if len(doc_idx) > 1 else np.zeros(0)
+    empty = int(np.count_nonzero(doc_lengths == 0))
+    spec = dataset_tokenizer_spec(prefix)
     out = [f"dataset: {prefix}",
            f"header: version {header['version']}, dtype code {header['dtype_code']} ({header['dtype']}), "
            f"{header['sequences']:,} sequences, document field {header['document_count_field']:,}",
-           f"documents: {len(doc_idx) - 1:,}",
+           f"documents: {len(doc_idx) - 1:,}" + (f" ({empty:,} empty: their text tokenized to no ids)" if empty else ""),
            f"tokens: {int(seq_lengths.sum()):,}"]
+    if spec:
+        out.append(f"tokenizer (recorded by preprocessing): {spec.get('type')} "
+                   f"{spec.get('model') or spec.get('vocab_file', '')}, ids {spec.get('ids')}")
     if len(doc_lengths):
         out.append(f"document length: min {doc_lengths.min():,}, mean {doc_lengths.mean():,.1f}, "
                    f"median {int(np.median(doc_lengths)):,}, max {doc_lengths.max():,}")
         out.append("document length histogram (tokens):")
         out += histogram(doc_lengths)
     if decode:
-        if tokenizer_model is None:
-            raise UserError("--decode needs --tokenizer-model")
-        from data_tools.tokenizer import Tokenizer
-
-        tok = Tokenizer(tokenizer_model)
+        if tokenizer is None and spec is None:
+            raise UserError("--decode needs --tokenizer-model (no PREFIX.tokenizer.json beside the dataset)")
+        tok = (tokenizer if isinstance(tokenizer, BaseTokenizer) else
+               load_tokenizer(tokenizer) if tokenizer else load_tokenizer_spec(spec))
         for i in decode:
             ids = document_tokens(ds, i)
             shown = ids[:max_tokens]
@@ -92,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prefix", help="dataset prefix (without .bin/.idx)")
-    p.add_argument("--tokenizer-model", help="SentencePiece model, to decode documents")
+    p.add_argument("--tokenizer-model", help="tokenizer to decode documents with (SentencePiece .model or Hugging "
+                   "Face tokenizer.json / dir; default: the one recorded in PREFIX.tokenizer.json)")
     p.add_argument("--decode", type=int, nargs="*", default=[], metavar="I", help="document indices to decode")
     p.add_argument("--max-tokens", type=int, default=400, help="decode at most this many tokens per document")
     args = p.parse_args(argv)

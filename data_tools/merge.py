@@ -8,12 +8,14 @@ All inputs must share one token dtype. The output is written under a temporary n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Sequence
 
 from data_tools.cli import (UserError, check_dataset_prefix, discard_dataset, import_indexed_dataset,
                             publish_dataset, run_cli)
+from data_tools.durable import write_durable
 
 
 def merge(inputs: Sequence[str], output_prefix: str) -> tuple[int, int]:
@@ -28,6 +30,7 @@ def merge(inputs: Sequence[str], output_prefix: str) -> tuple[int, int]:
     if len(set(dtypes.values())) != 1:
         raise UserError("inputs have different token dtypes: "
                         + ", ".join(f"{p}: {numpy_name(d)}" for p, d in dtypes.items()))
+    spec = _common_tokenizer(inputs)
     if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in inputs}:
         raise UserError(f"--output-prefix {output_prefix} is also an input")
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
@@ -38,6 +41,8 @@ def merge(inputs: Sequence[str], output_prefix: str) -> tuple[int, int]:
         for prefix in inputs:
             builder.add_index(prefix)
         builder.finalize(output_prefix + ".idx" + tmp)
+        if spec is not None:
+            write_durable(output_prefix + ".tokenizer.json", json.dumps({"tokenizer": spec}, indent=2) + "\n")
         publish_dataset(output_prefix, tmp)
         done = True
     finally:
@@ -45,6 +50,23 @@ def merge(inputs: Sequence[str], output_prefix: str) -> tuple[int, int]:
             discard_dataset(output_prefix, tmp, builder)
     merged = indexed.IndexedDataset(output_prefix)
     return len(merged.document_indices) - 1, len(merged)
+
+
+def _common_tokenizer(inputs: Sequence[str]) -> dict | None:
+    """The tokenizer recorded beside the inputs (PREFIX.tokenizer.json), carried to the output; inputs made with
+    different tokenizers (other type, files or special ids) are refused: their ids mean different things."""
+    from data_tools.tokenizer import dataset_tokenizer_spec
+
+    specs = {p: dataset_tokenizer_spec(p) for p in inputs}
+    known = {p: s for p, s in specs.items() if s is not None}
+    if not known:
+        return None
+    first_p, first = next(iter(known.items()))
+    for p, s in known.items():
+        if (s.get("type"), s.get("ids")) != (first.get("type"), first.get("ids")):
+            raise UserError(f"{p} was made with another tokenizer than {first_p} ({s.get('type')} {s.get('ids')} vs "
+                            f"{first.get('type')} {first.get('ids')})")
+    return first
 
 
 def numpy_name(dtype) -> str:

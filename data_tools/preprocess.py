@@ -329,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--workers must be at least 1")
     if args.partitions < 1:
         raise UserError("--partitions must be at least 1")
+    check_inputs(args.input, args.json_keys)
     tok = tokenizer_from_args(args)
     print(f"tokenizer: {tok.describe()}", file=sys.stderr)
     summary = preprocess(args.input, args.output_prefix, tok, args.json_keys, args.workers,

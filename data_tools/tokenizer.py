@@ -212,14 +212,24 @@ class Tokenizer(BaseTokenizer):
         empty = np.zeros(0, dtype=np.int32)
         return [np.concatenate([cache[seg] for seg in segs]) if segs else empty for segs in split]
 
+    def _proto(self):
+        from sentencepiece import sentencepiece_model_pb2
+
+        m = sentencepiece_model_pb2.ModelProto()
+        with open(self.model_path, "rb") as f:
+            m.ParseFromString(f.read())
+        return m
+
+    @property
+    def model_type(self) -> str:
+        """unigram | bpe | word | char (SentencePiece's trainer_spec.model_type)."""
+        m = self._proto()
+        return m.trainer_spec.ModelType.Name(m.trainer_spec.model_type).lower()
+
     @property
     def word_cache_exact(self) -> bool:
         if self._word_cache_exact is None:
-            from sentencepiece import sentencepiece_model_pb2
-
-            m = sentencepiece_model_pb2.ModelProto()
-            with open(self.model_path, "rb") as f:
-                m.ParseFromString(f.read())
+            m = self._proto()
             n = m.normalizer_spec
             # a segment that is whitespace only would lose its spaces to the dummy prefix rules: the cut regex
             # never makes one (it cuts only between two non-space characters)
@@ -426,6 +436,17 @@ def load_from_dir(model_dir: str) -> BaseTokenizer:
     if os.path.isfile(meta):
         return load_tokenizer_spec(json.load(open(meta)), base_dir=model_dir)
     return Tokenizer(os.path.join(model_dir, "tokenizer.model"))
+
+
+def dataset_tokenizer_spec(prefix: str) -> dict | None:
+    """The tokenizer spec preprocessing recorded beside a dataset (PREFIX.tokenizer.json), or None."""
+    path = prefix + ".tokenizer.json"
+    if not os.path.isfile(path):
+        return None
+    try:
+        return json.load(open(path))["tokenizer"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a tokenizer record ({e})") from None
 
 
 def copy_to_dir(tok: BaseTokenizer, out_dir: str) -> None:

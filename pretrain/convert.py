@@ -403,7 +403,11 @@ def _export_tokenizer(tok, tmp: str, max_len: int) -> None:
     special = {"bos_token": piece(tok.ids.bos), "eos_token": piece(tok.ids.eos), "pad_token": piece(tok.ids.pad)}
     if tok.ids.unk is not None:
         special["unk_token"] = piece(tok.ids.unk)
-    if tok.kind == "SentencePieceTokenizer":
+    if tok.kind == "SentencePieceTokenizer" and tok.model_type == "unigram":
+        # transformers' LlamaTokenizer is BPE-only: a unigram model goes out as its unigram SentencePiece class
+        # (T5Tokenizer; note it appends eos, not bos, when add_special_tokens=True)
+        conf = {"tokenizer_class": "T5Tokenizer", **special, "extra_ids": 0}
+    elif tok.kind == "SentencePieceTokenizer":
         conf = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
                 "legacy": True}
     else:

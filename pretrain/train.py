@@ -77,12 +77,13 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
     if cfg.data.seq_length > m.max_seq_length:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds model.max_seq_length={m.max_seq_length}")
-    if not cfg.data.tokenizer_model:
-        raise ConfigError("data.tokenizer_model: required (a SentencePiece model from data_tools.tokenizer)")
-    if not os.path.isfile(cfg.data.tokenizer_model):
-        raise ConfigError(f"data.tokenizer_model: file not found: {cfg.data.tokenizer_model}")
     if not cfg.data.data_path:
         raise ConfigError("data.data_path: required (a dataset prefix, or weight/prefix pairs)")
+    d = cfg.data
+    for key in ("tokenizer_model", "vocab_file", "merge_file"):
+        path = getattr(d, key)
+        if path and not os.path.exists(path):
+            raise ConfigError(f"data.{key}: not found: {path}")
     from pretrain.engine import deepspeed_config
 
     deepspeed_config(cfg, world // (p.tp * p.pp))  # the DeepSpeed JSON exists and agrees with the config
@@ -97,11 +98,49 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise ConfigError("data.mode=sclm needs model.encoder (a GPT baseline trains with data.mode=gpt)")
 
 
+def resolve_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer: the one `data.tokenizer_*` names, else the one preprocessing recorded beside the first
+    dataset (PREFIX.tokenizer.json). A dataset made with another tokenizer (other vocabulary size or end-of-document
+    id) is refused. The resolved type, files and eod id are written back into cfg.data, so the config saved with
+    the run and its checkpoints names the tokenizer exactly."""
+    from data_tools.cli import UserError
+    from data_tools.datasets import parse_blend
+    from data_tools.tokenizer import dataset_tokenizer_spec, from_data_config, load_tokenizer_spec
+
+    d = cfg.data
+    prefixes, _ = parse_blend(d.data_path)
+    try:
+        recorded = [(p, s) for p in prefixes if (s := dataset_tokenizer_spec(p)) is not None]
+        if d.tokenizer_model or d.vocab_file:
+            tok = from_data_config(d)
+        elif recorded:
+            tok = load_tokenizer_spec(recorded[0][1])
+        else:
+            raise ConfigError("data.tokenizer_model: required (the datasets have no PREFIX.tokenizer.json naming "
+                              "their tokenizer)")
+    except UserError as e:
+        raise ConfigError(f"data.tokenizer_*: {e}") from None
+    for prefix, spec in recorded:
+        ids = spec.get("ids", {})
+        if ids.get("eod") not in (None, tok.eod):
+            raise ConfigError(f"dataset {prefix} was made with end-of-document id {ids['eod']} "
+                              f"({spec.get('type')} {spec.get('model') or spec.get('vocab_file')}), the configured "
+                              f"tokenizer's is {tok.eod} ({tok.describe()})")
+    spec = tok.spec()
+    d.tokenizer_type = tok.kind
+    d.tokenizer_model = spec.get("model", "")
+    d.vocab_file, d.merge_file = spec.get("vocab_file", ""), spec.get("merge_file", "")
+    d.eod_id = -1 if spec.get("eod_id") is None else spec["eod_id"]
+    return tok
+
+
 def absolute_paths(cfg: TrainConfig) -> None:
     """Resolve the file paths of the config against the current directory, so the config saved with the run and its
     checkpoints still points at them from anywhere (conversion, evaluation, resume from another directory)."""
     d = cfg.data
-    d.tokenizer_model = os.path.abspath(d.tokenizer_model)
+    for key in ("tokenizer_model", "vocab_file", "merge_file"):
+        if getattr(d, key):
+            setattr(d, key, os.path.abspath(getattr(d, key)))
     from data_tools.datasets import parse_blend  # the one reader of Megatron's `prefix | w1 p1 w2 p2 ...` form
 
     prefixes, weights = parse_blend(d.data_path)
@@ -378,16 +417,15 @@ def setup(cfg: TrainConfig) -> Run:
     import yaml
 
     from data_tools.datasets import MicroBatches
-    from data_tools.tokenizer import Tokenizer
     from megatron.core import parallel_state
     from pretrain.engine import build_engine
     from pretrain.metrics import Reporter
     from pretrain.model.metalm import MetaLM
 
-    tokenizer = Tokenizer(cfg.data.tokenizer_model)
+    tokenizer = resolve_tokenizer(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} ({cfg.data.tokenizer_model})")
+                          f"{tokenizer.vocab_size} ({tokenizer.describe()})")
     dp = dp_world()
     d = cfg.data
     if d.max_spans and data_mode(cfg) == "sclm" and rank == 0:

@@ -156,14 +156,12 @@ def test_bad_inputs_name_the_problem_and_leave_nothing(trained, tmp_path, tok_mo
     os.remove(broken / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     with pytest.raises(ConvertError, match="damaged checkpoint: zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"):
         read_checkpoint(str(broken))  # the COMPLETE marker's manifest names the file
-    # a vocabulary mismatch on import
+    # a vocabulary mismatch on import: a tokenizer.json with more pieces than the model has rows
     hf = export_hf(str(model_dir), str(tmp_path / "hf"))
-    import sentencepiece as spm
-
-    (tmp_path / "l.txt").write_text("\n".join(f"line {i} of some text for a foreign tokenizer" for i in range(300)))
-    spm.SentencePieceTrainer.Train(input=str(tmp_path / "l.txt"), model_prefix=str(tmp_path / "f"), vocab_size=60,
-                                   minloglevel=2)
-    shutil.copyfile(tmp_path / "f.model", os.path.join(hf, "tokenizer.model"))
+    for name in ("tokenizer.model", "tokenizer_meta.json", "tokenizer_config.json"):
+        os.remove(os.path.join(hf, name))
+    fix = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "megatron_preprocess", "hf_bpe3k")
+    shutil.copyfile(os.path.join(fix, "tokenizer.json"), os.path.join(hf, "tokenizer.json"))
     with pytest.raises(ConvertError, match="vocabulary mismatch"):
         import_hf(hf, str(tmp_path / "imp"))
     leftovers = [p for p in os.listdir(tmp_path) if p.startswith(("x", "imp"))]

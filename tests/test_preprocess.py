@@ -99,7 +99,7 @@ BAD_LINES = [
     (b"this is not json\n", "not JSON"),
     (b'{"title": "no text key"}\n', "missing key"),
     (b'{"text": 42}\n', "not a string"),
-    (b'{"text": "   "}\n', "empty document"),
+    (b'{"text": ""}\n', "tokenizes to no ids"),  # Megatron's one reason to drop a document
     (b'["a", "list"]\n', "not an object"),
 ]
 
@@ -175,7 +175,9 @@ def test_cli_errors_are_one_line(tmp_path, tok_model):
         assert r.returncode == 0 and "usage:" in r.stdout, mod
 
 
-def test_tokenizer_refuses_foreign_model(tmp_path, moby_jsonl):
+def test_foreign_sentencepiece_model_uses_its_own_ids(tmp_path, moby_jsonl):
+    """A SentencePiece model not trained by us (default special ids, no pad) is accepted with its own ids: pad and
+    end of document fall back to eos (the documented rules), and nothing claims the project's </d> or <image>."""
     import sentencepiece as spm
 
     from data_tools.tokenizer import Tokenizer
@@ -184,8 +186,12 @@ def test_tokenizer_refuses_foreign_model(tmp_path, moby_jsonl):
     lines.write_text("\n".join(docs_of(moby_jsonl)[0].splitlines()[:3000]))
     spm.SentencePieceTrainer.Train(input=str(lines), model_prefix=str(tmp_path / "f"), vocab_size=300,
                                    minloglevel=2)
-    with pytest.raises(UserError, match="id 0 is '<unk>'|id 3 is"):
-        Tokenizer(str(tmp_path / "f.model"))
+    tok = Tokenizer(str(tmp_path / "f.model"))
+    assert not tok.native and (tok.ids.unk, tok.ids.bos, tok.ids.eos) == (0, 1, 2)
+    assert tok.ids.pad == tok.ids.eos == tok.eod == 2 and tok.ids.image is None
+    assert Tokenizer(str(tmp_path / "f.model"), eod_id=7).eod == 7
+    with pytest.raises(UserError, match="eod_id 300 is outside the vocabulary"):
+        Tokenizer(str(tmp_path / "f.model"), eod_id=300)
 
 
 def test_tokenizer_special_ids(tok):

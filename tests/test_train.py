@@ -36,7 +36,8 @@ def env():
 
 def launch(run_dir, tok_model, prefix, *overrides, nproc=1, steps=6, extra_launch=(), timeout=300, check=True):
     cmd = [sys.executable, "-m", "pretrain.launch", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), *extra_launch, "--", f"run_dir={run_dir}", f"data.tokenizer_model={tok_model}",
+           str(free_port()), *extra_launch, "--", f"run_dir={run_dir}",
+           *([f"data.tokenizer_model={tok_model}"] if tok_model else []),
            f"data.data_path=[{prefix}]", f"schedule.train_steps={steps}", *SMALL, *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
     if check and r.returncode != 0:

@@ -90,3 +90,34 @@ def run_eval(rank: int, world: int, port: int, out_dir: str, tok_model: str, ite
                os.path.join(out_dir, f"eval_tp{world}_rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_gqa_logits(rank: int, world: int, port: int, model_dir: str, out_dir: str):
+    """Load a consolidated (grouped-query attention) model split over TP=world and save the full logits of a fixed
+    batch from rank 0 (the vocab-parallel shards gathered)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from pretrain.parallel import init_distributed, init_model_parallel
+
+    init_distributed("gloo")
+    init_model_parallel(tp=world, pp=1, seed=1)
+    from pretrain.convert import load_into, read_consolidated
+    from pretrain.model.metalm import MetaLM
+
+    cfg, sd, _ = read_consolidated(model_dir)
+    model = MetaLM(cfg.model).eval()
+    load_into(model, sd, tp_rank=rank, tp=world)
+    assert model.decoder.stack.layers[0].attn.local_kv_heads == cfg.model.decoder.kv_heads // world
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
+    batch = {"tokens": ids, "position_ids": torch.arange(64).expand(2, -1),
+             "document_ids": torch.zeros(2, 64, dtype=torch.int32)}
+    with torch.no_grad():
+        part = model.logits(batch).contiguous()
+    parts = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(parts, part)
+    if rank == 0:
+        torch.save(ids, os.path.join(out_dir, "ids.pt"))
+        torch.save(torch.cat(parts, dim=-1), os.path.join(out_dir, "logits.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
