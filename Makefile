@@ -4,6 +4,8 @@
 #                  then evaluate both side by side (eval.demo): perplexity, zero/few-shot accuracy on real tasks
 #                  (causal and encoder placement), KV-cached generation, a report, a summary. MODELS=tiny-cpu: one.
 #   make test   -- set up and run the test suite
+#   make compare -- semi-causal vs causal: pretrain both, perplexity, few-shot, finetuning, held-out in-context
+#                  accuracy, 3 seeds per cell (eval/experiments/sclm_vs_causal.py; under an hour on 2 cores)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +15,7 @@ NPROC ?= 2
 OVERRIDES ?=
 PROMPT ?= It is a truth universally acknowledged that
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench compare clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +39,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+compare: setup
+	$(BIN)/python -m eval.experiments.sclm_vs_causal --work work/compare
 
 bench: setup
 	$(BIN)/python -m bench.preprocess_throughput

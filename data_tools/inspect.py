@@ -74,7 +74,8 @@ def inspect(prefix: str, tokenizer=None, decode: Sequence[int] = (), max_tokens:
     out = [f"dataset: {prefix}",
            f"header: version {header['version']}, dtype code {header['dtype_code']} ({header['dtype']}), "
            f"{header['sequences']:,} sequences, document field {header['document_count_field']:,}",
-           f"documents: {len(doc_idx) - 1:,}" + (f" ({empty:,} empty: their text tokenized to no ids)" if empty else ""),
+           f"documents: {len(doc_idx) - 1:,}"
+           + (f" ({empty:,} empty: their text tokenized to no ids)" if empty else ""),
            f"tokens: {int(seq_lengths.sum()):,}"]
     if spec:
         out.append(f"tokenizer (recorded by preprocessing): {spec.get('type')} "

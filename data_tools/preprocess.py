@@ -216,7 +216,8 @@ def _preprocess(inputs, output_prefix, tok, json_keys, pool, workers, dtype, str
             summary.documents += int(np.count_nonzero(res.lengths[0]))
             summary.input_bytes += res.nbytes
             bar.update(res.nbytes)
-            if log_interval and summary.documents // log_interval > (summary.documents - len(res.lengths[0])) // log_interval:
+            before = summary.documents - int(np.count_nonzero(res.lengths[0]))
+            if log_interval and summary.documents // log_interval > before // log_interval:
                 el = max(time.perf_counter() - t0, 1e-9)
                 log(f"processed {summary.documents:,} documents ({summary.documents / el:,.0f} docs/s, "
                     f"{summary.input_bytes / 1e6 / el:.1f} MB/s)", file=sys.stderr)

@@ -398,7 +398,7 @@ def load_tokenizer(model: str = "", kind: str = "auto", vocab_file: str = "", me
                 kind = "HuggingFaceTokenizer"
             elif os.path.isfile(os.path.join(model, "tokenizer.model")):
                 kind, model = "SentencePieceTokenizer", os.path.join(model, "tokenizer.model")
-            elif os.path.isfile(os.path.join(model, "vocab.json")) and os.path.isfile(os.path.join(model, "merges.txt")):
+            elif all(os.path.isfile(os.path.join(model, f)) for f in ("vocab.json", "merges.txt")):
                 kind, vocab_file, merge_file = ("GPT2BPETokenizer", os.path.join(model, "vocab.json"),
                                                 os.path.join(model, "merges.txt"))
             else:
@@ -476,9 +476,10 @@ def add_tokenizer_args(p: argparse.ArgumentParser, required: bool = True) -> Non
 def from_data_config(d, model_override: str = "") -> BaseTokenizer:
     """The tokenizer of a training config's data section (older configs have only tokenizer_model)."""
     eod = getattr(d, "eod_id", -1)
+    eod = None if eod is None or eod < 0 else eod
     return load_tokenizer(model_override or d.tokenizer_model, getattr(d, "tokenizer_type", "auto"),
                           "" if model_override else getattr(d, "vocab_file", ""),
-                          "" if model_override else getattr(d, "merge_file", ""), None if eod is None or eod < 0 else eod)
+                          "" if model_override else getattr(d, "merge_file", ""), eod)
 
 
 def tokenizer_from_args(args) -> BaseTokenizer:

@@ -23,12 +23,23 @@ from data_tools.tasks import get_task, load_split
 class Downstream:
     def __init__(self, cfg, model, tok):
         lg = cfg.logging
-        self.tasks = [get_task(t) for t in lg.downstream_tasks]
-        self.shots = [int(k) for k in lg.downstream_shots]
-        self.placements = [p for p in PLACEMENTS if p == "causal" or model.encoder is not None]
-        self.items = {t.name: load_split(lg.downstream_data, t.name, lg.downstream_split)[:lg.downstream_items]
-                      for t in self.tasks}
-        self.pools = {t.name: load_split(lg.downstream_data, t.name, "train") if max(self.shots) > 0 else []
+        placements = [p for p in PLACEMENTS if p == "causal" or model.encoder is not None]
+        self._setup(cfg, tok, lg.downstream_tasks, lg.downstream_data, lg.downstream_split, lg.downstream_items,
+                    lg.downstream_shots, placements)
+
+    @classmethod
+    def for_tasks(cls, cfg, tok, tasks, data_dir: str, split: str, items: int, shots, placements) -> "Downstream":
+        """A scorer of `tasks` (the first `items` items of `split`; 0 = all) in the given placements."""
+        self = cls.__new__(cls)
+        self._setup(cfg, tok, tasks, data_dir, split, items, shots, placements)
+        return self
+
+    def _setup(self, cfg, tok, tasks, data_dir, split, items, shots, placements):
+        self.tasks = [get_task(t) for t in tasks]
+        self.shots = [int(k) for k in shots]
+        self.placements = list(placements)
+        self.items = {t.name: load_split(data_dir, t.name, split)[:items or None] for t in self.tasks}
+        self.pools = {t.name: load_split(data_dir, t.name, "train") if max(self.shots) > 0 else []
                       for t in self.tasks}
         self.dec_limit = cfg.model.max_seq_length
         self.tok = tok

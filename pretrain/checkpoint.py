@@ -182,8 +182,12 @@ def complete_tags(ckpt_dir: str) -> list[str]:
 def prune(ckpt_dir: str, keep_last: int) -> None:
     if keep_last <= 0:
         return
+    from pretrain.finetune import best_tag
+
+    best = best_tag(ckpt_dir)  # the best finetuning checkpoint is kept whatever its age
     for tag in complete_tags(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+        if tag != best:
+            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
 
 
 def find_resume(ckpt_dir: str, resume: str, log=print, checksums: bool = False) -> str | None:

@@ -275,6 +275,22 @@ class DataSection:
 
 
 @dataclass
+class FinetuneConfig:
+    """Finetuning on registry tasks (pretrain/finetune.py): a non-empty `tasks` turns the trainer's data into task
+    rows; the rest of the trainer (DeepSpeed, ZeRO, TP, checkpoints, resume, logging) is unchanged."""
+    tasks: list = field(default_factory=list)  # names from data_tools.tasks
+    weights: list = field(default_factory=list)  # per-task sampling weights; default: train-split sizes
+    data_dir: str = "work/tasks"  # `python -m data_tools.tasks fetch` output
+    mode: str = "auto"  # auto (encoder for a MetaLM, decoder for a GPT) | encoder | full | decoder
+    placement: str = "auto"  # auto (encoder for a MetaLM, causal for a GPT) | encoder | causal
+    pack: bool = True  # several examples per row (document mask), T5-style
+    max_items: int = 0  # the first N train items of each task (0: all)
+    eval_items: int = 0  # validation items scored per task at each evaluation (0: all)
+    eval_shots: int = 0  # demonstrations when scoring validation accuracy
+    model_from_init: bool = True  # take model (and tokenizer) settings from checkpoint.init_from
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: PRESETS["tiny-cpu"]())
     data: DataSection = field(default_factory=DataSection)
@@ -283,6 +299,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run_dir: str = "runs/default"
     seed: int = 1234
     # a step is bad when any of its micro-batches had a non-finite loss (skipped, replaced by the next); this many

@@ -68,6 +68,24 @@ def _load_config(tag_dir: str):
     return load_config(path)
 
 
+def source_config(path: str):
+    """The training config saved with a consolidated dir or a run / checkpoint dir (no weights read)."""
+    if os.path.isfile(os.path.join(path, "metalm.json")):
+        return _load_config(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    return _load_config(resolve_tag_dir(path))
+
+
+def read_model(path: str) -> tuple[object, dict, dict]:
+    """(cfg, full state dict, info) from a consolidated dir or a run / checkpoint dir."""
+    if os.path.isfile(os.path.join(path, "metalm.json")):
+        return read_consolidated(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    return read_checkpoint(path)
+
+
 def resolve_tag_dir(path: str) -> str:
     if not os.path.isdir(path):
         raise ConvertError(f"checkpoint not found: {path}")

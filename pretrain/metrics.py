@@ -125,6 +125,20 @@ class Reporter:
         parts = [f"{k[len('down/'):-len('/acc')]} {v:.3f}" for k, v in metrics.items() if k.endswith("/acc")]
         self.log(f"step {step:6d} | downstream acc | " + " | ".join(parts))
 
+    def finetune(self, step: int, metrics: dict) -> None:
+        """metrics: ft/TASK/acc|acc_norm|acc_mutual_info and ft/mean_acc (validation accuracy while finetuning)."""
+        if not self.enabled or not metrics:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        parts = [f"{k[len('ft/'):-len('/acc')]} {v:.3f}" for k, v in metrics.items()
+                 if k.endswith("/acc") and k != "ft/mean_acc"]
+        self.log(f"step {step:6d} | validation accuracy | " + " | ".join(parts)
+                 + f" | mean {metrics['ft/mean_acc']:.3f}")
+
     def close(self) -> None:
         if not self.enabled or self.file.closed:
             return

@@ -41,6 +41,8 @@ class TrainState:
     skipped: int = 0
     bad_in_row: int = 0  # non-finite micro-batches in a row
     bad_steps_in_row: int = 0  # optimizer steps in a row that had a non-finite micro-batch
+    best_metric: float = float("-inf")  # finetuning: best mean validation accuracy so far
+    best_step: int = -1
 
 
 # ---------------------------------------------------------------- set-up
@@ -77,8 +79,12 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
     if cfg.data.seq_length > m.max_seq_length:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds model.max_seq_length={m.max_seq_length}")
-    if not cfg.data.data_path:
+    if not cfg.data.data_path and not cfg.finetune.tasks:
         raise ConfigError("data.data_path: required (a dataset prefix, or weight/prefix pairs)")
+    if cfg.finetune.tasks:
+        from pretrain.finetune import validate_config
+
+        validate_config(cfg, uses_pipeline(cfg))
     d = cfg.data
     for key in ("tokenizer_model", "vocab_file", "merge_file"):
         path = getattr(d, key)
@@ -94,7 +100,7 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise ConfigError("logging.downstream_tasks: in-loop downstream evaluation is not available under pipeline "
                           "parallelism (score a consolidated checkpoint with python -m eval.score instead)")
     mode = data_mode(cfg)
-    if mode == "sclm" and m.encoder is None:
+    if mode == "sclm" and m.encoder is None and not cfg.finetune.tasks:
         raise ConfigError("data.mode=sclm needs model.encoder (a GPT baseline trains with data.mode=gpt)")
 
 
@@ -108,7 +114,7 @@ def resolve_tokenizer(cfg: TrainConfig):
     from data_tools.tokenizer import dataset_tokenizer_spec, from_data_config, load_tokenizer_spec
 
     d = cfg.data
-    prefixes, _ = parse_blend(d.data_path)
+    prefixes, _ = parse_blend(d.data_path) if d.data_path else ([], None)
     try:
         recorded = [(p, s) for p in prefixes if (s := dataset_tokenizer_spec(p)) is not None]
         if d.tokenizer_model or d.vocab_file:
@@ -143,9 +149,12 @@ def absolute_paths(cfg: TrainConfig) -> None:
             setattr(d, key, os.path.abspath(getattr(d, key)))
     from data_tools.datasets import parse_blend  # the one reader of Megatron's `prefix | w1 p1 w2 p2 ...` form
 
-    prefixes, weights = parse_blend(d.data_path)
-    prefixes = [os.path.abspath(p) for p in prefixes]
-    d.data_path = prefixes if weights is None else [x for wp in zip(weights, prefixes) for x in wp]
+    if d.data_path:
+        prefixes, weights = parse_blend(d.data_path)
+        prefixes = [os.path.abspath(p) for p in prefixes]
+        d.data_path = prefixes if weights is None else [x for wp in zip(weights, prefixes) for x in wp]
+    if cfg.finetune.tasks:
+        cfg.finetune.data_dir = os.path.abspath(cfg.finetune.data_dir)
     if d.cache_dir:
         d.cache_dir = os.path.abspath(d.cache_dir)
     if cfg.checkpoint.init_from:
@@ -174,6 +183,12 @@ def build_data(cfg: TrainConfig, tokenizer, dp_size: int):
     global_batch = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_size
     # room for skipped micro-batches (a non-finite loss consumes its micro-batch)
     n_train = (cfg.schedule.train_steps + cfg.max_bad_steps + 1) * global_batch
+    if cfg.finetune.tasks:  # task rows; validation is accuracy (pretrain.finetune.Validation), not perplexity
+        from pretrain.finetune import build_task_rows, resolve_mode, resolve_placement
+
+        has_enc = cfg.model.encoder is not None
+        placement = resolve_placement(cfg.finetune.placement, has_enc, resolve_mode(cfg.finetune.mode, has_enc))
+        return build_task_rows(cfg, tokenizer, n_train, placement), {}
     n_evals = cfg.schedule.train_steps // max(1, cfg.logging.eval_interval) + 2
     n_valid = cfg.logging.eval_iters * cfg.parallel.micro_batch * dp_size if cfg.logging.eval_iters else 0
     dcfg = DataConfig(data_path=d.data_path, split=d.split, seq_length=d.seq_length, seed=cfg.seed,
@@ -205,9 +220,11 @@ def init_weights(cfg: TrainConfig, model) -> TrainState | None:
     position when the directory came from `pretrain.convert reshard`."""
     from megatron.core import parallel_state
 
-    from pretrain.convert import load_into, read_consolidated
+    from pretrain.convert import load_into
 
-    src_cfg, sd, info = read_consolidated(cfg.checkpoint.init_from)
+    from pretrain.convert import read_model
+
+    src_cfg, sd, info = read_model(cfg.checkpoint.init_from)
     load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,
               pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0)
     if info.get("resume_position") and "step" in info:
@@ -281,8 +298,8 @@ def train_step(cfg: TrainConfig, engine, batches, state: TrainState, device) -> 
     bad_before = state.skipped
     # per-token normalisation (optimizer.loss_normalization=per_token, Megatron's calculate_per_token_loss): every
     # counted target of the step weighs the same, whichever micro-batch or rank it is in. DeepSpeed divides by the
-    # accumulation steps and averages over data-parallel ranks; scaling micro-batch i's mean loss by n_i * GA * DP / N (N: the
-    # step's counted targets, all ranks) makes the applied gradient that of sum(token losses) / N.
+    # accumulation steps and averages over data-parallel ranks; scaling micro-batch i's mean loss by n_i * GA * DP / N
+    # (N: the step's counted targets, all ranks) makes the applied gradient that of sum(token losses) / N.
     pending, scale_per_target = [], 0.0
     if cfg.optimizer.loss_normalization == "per_token":
         from megatron.core import parallel_state
@@ -358,6 +375,15 @@ def downstream_eval(run) -> None:
         run.reporter.downstream(run.state.step, run.downstream.run(run.engine.module, shard))
 
 
+def finetune_eval(run) -> bool:
+    """Finetuning: validation accuracy; a new best is saved now and linked as checkpoints/best (whether it saved)."""
+    if run.finetune is None:
+        return False
+    from pretrain.finetune import keep_best
+
+    return keep_best(run, save)
+
+
 def evaluate(engine, valid_ds, cfg: TrainConfig, device) -> tuple[float, float]:
     """Token-weighted mean loss over `eval_iters` micro-batches of a validation set, and its perplexity."""
     from data_tools.datasets import MicroBatches
@@ -401,6 +427,7 @@ class Run:
     resumed_step: int  # the step of the checkpoint resumed from (-1: none)
     device: object
     downstream: object = None  # eval.downstream.Downstream when logging.downstream_tasks is set
+    finetune: object = None  # pretrain.finetune.Validation when finetune.tasks is set
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -410,6 +437,9 @@ def setup(cfg: TrainConfig) -> Run:
 
     init_distributed(timeout_s=cfg.parallel.timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
+    from pretrain.finetune import settings_from_init
+
+    settings_from_init(cfg)
     validate(cfg, world)
     absolute_paths(cfg)
     init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
@@ -457,6 +487,11 @@ def setup(cfg: TrainConfig) -> Run:
     if resume_from is None and cfg.checkpoint.init_from:
         state = init_weights(cfg, model) or state
         say(f"initialised from {cfg.checkpoint.init_from} at step {state.step}")
+    ft, ft_msg = None, ""
+    if cfg.finetune.tasks:  # freeze what the mode does not train, before the optimizer sees the parameters
+        from pretrain.finetune import prepare
+
+        ft, ft_msg = prepare(cfg, model, train_ds, tokenizer)
     engine = build_engine(cfg, model, dp, pipeline=uses_pipeline(cfg))
     if state.step:  # a resharded checkpoint: continue its LR schedule too
         engine.lr_scheduler.last_epoch = state.step - 1
@@ -473,8 +508,11 @@ def setup(cfg: TrainConfig) -> Run:
                    cfg.logging.tensorboard, cfg.logging.progress_bar, enabled=rank == 0)
     rep.log(f"model: {cfg.model.param_count()['total'] / 1e6:.1f}M parameters | world {world} (dp {dp}, "
             f"tp {cfg.parallel.tp}, pp {cfg.parallel.pp}) | {cfg.parallel.deepspeed} | {cfg.parallel.precision} | "
-            f"data mode {data_mode(cfg)} | train samples {len(train_ds):,} | global batch "
+            f"data mode {'finetune' if cfg.finetune.tasks else data_mode(cfg)} | train samples {len(train_ds):,} | "
+            f"global batch "
             f"{cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp} x {cfg.data.seq_length} tokens")
+    if ft_msg:
+        rep.log(ft_msg)
     # The global sample order is fixed; this rank reads its slice of each global micro-step.
     batches = iter(MicroBatches(train_ds, cfg.parallel.micro_batch, state.consumed_samples,
                                 parallel_state.get_data_parallel_rank(), dp))
@@ -489,7 +527,7 @@ def setup(cfg: TrainConfig) -> Run:
 
         downstream = Downstream(cfg, engine.module, tokenizer)
     return Run(cfg, engine, tokenizer, train_ds, valid_ds, batches, state, rep, ckpt_dir, config_yaml,
-               resumed_step, engine.device, downstream)
+               resumed_step, engine.device, downstream, ft)
 
 
 def save(run: Run) -> None:
@@ -541,6 +579,7 @@ def train(cfg: TrainConfig) -> dict:
     wd = Watchdog(cfg.run_dir, dist.get_rank(), dist.get_world_size(), cfg.parallel.step_timeout_s,
                   cfg.parallel.step_timeout_floor_s)
     last: dict = {}
+    saved_at = -1
     step_tokens = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_world() * cfg.data.seq_length
     try:
         while state.step < cfg.schedule.train_steps:
@@ -548,15 +587,19 @@ def train(cfg: TrainConfig) -> dict:
             last = timed_step(run)
             wd.step_done(last["step_s"])
             rep.step(state.step, last, tokens=step_tokens)
+            best_saved = False
             if every(cfg.logging.eval_interval, state.step):
                 wd.enter("evaluation", state.step)
                 if run.valid_ds:
                     rep.valid(state.step, validate_all(run))
                 downstream_eval(run)
-            saved = every(cfg.checkpoint.save_interval, state.step)
-            if saved:
+                best_saved = finetune_eval(run)
+            saved = every(cfg.checkpoint.save_interval, state.step) or best_saved
+            if saved and not best_saved:
                 wd.enter("checkpoint save", state.step)
                 save(run)
+            if saved:
+                saved_at = state.step
             wd.enter("stop check", state.step)
             if stop.agreed():
                 rep.log(f"stop requested: saving at step {state.step} and exiting")
@@ -572,7 +615,9 @@ def train(cfg: TrainConfig) -> dict:
                 result.update(validate_all(run))
                 rep.valid(state.step, result)
             downstream_eval(run)
-        if not every(cfg.checkpoint.save_interval, state.step) and state.step > run.resumed_step:
+            if finetune_eval(run):
+                saved_at = state.step
+        if saved_at != state.step and state.step > run.resumed_step:
             wd.enter("checkpoint save", state.step)
             save(run)
     except TrainingAborted as e:

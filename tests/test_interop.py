@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -177,7 +176,7 @@ def _gpt2_reference_encode(text: str, vocab: dict, merges: list) -> list[int]:
     merge first), written out here as an independent reference for our `tokenizers`-based backend."""
     import regex
 
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -214,7 +213,8 @@ def test_gpt2_bpe_matches_the_reference_algorithm(gpt2_files):
     merges = [m for m in open(gpt2_files[1], encoding="utf-8").read().split("\n")[1:] if m]
     tok = GPT2BPETokenizer(*gpt2_files)
     assert tok.eod == tok.ids.eos == tok.ids.bos == vocab["<|endoftext|>"]
-    texts = texts_of(FIX / "small.jsonl") + ["  two  spaces\tand a tab\n\nnew lines ", "naïve café 😀 <|endoftext|>"]
+    texts = texts_of(FIX / "small.jsonl") + ["  two  spaces\tand a tab\n\nnew lines ",
+                                             "naïve café 😀 <|endoftext|>"]
     for t in texts:
         ids = tok.encode(t)
         assert ids == _gpt2_reference_encode(t, vocab, merges), t[:60]

@@ -181,8 +181,8 @@ def test_bad_configs_fail_fast_naming_the_field(tmp_path, tok_model, moby_prefix
         validate(load_config(None, base + ["parallel.tp=3"]), world=3)
     with pytest.raises(ConfigError, match="world size 3 is not divisible by tp\\*pp = 2"):
         validate(load_config(None, base + ["parallel.tp=2"]), world=3)
-    with pytest.raises(ConfigError, match="data.tokenizer_model: file not found: /nope"):
-        validate(load_config(None, ["data.tokenizer_model=/nope"]), world=1)
+    with pytest.raises(ConfigError, match="data.tokenizer_model: not found: /nope"):
+        validate(load_config(None, ["data.tokenizer_model=/nope", f"data.data_path=[{moby_prefix}]"]), world=1)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("parallel:\n  deepspeed: zero9\n")
     r = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(cfg_file), *base,

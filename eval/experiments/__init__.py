@@ -1,0 +1,1 @@
+"""Experiments built from the project's commands (each module documents its protocol)."""

@@ -1,0 +1,355 @@
+"""The paper's central comparison, at a size this machine runs: semi-causal (MetaLM) vs causal (GPT) pretraining with
+the same decoder, tokens, steps and batch, then for both arms: perplexity, zero/few-shot accuracy, single-task
+finetuning (the paper's protocol), multitask finetuning + in-context accuracy on held-out tasks.
+
+    python -m eval.experiments.sclm_vs_causal --work work/compare             # the CPU preset (under an hour, 2 cores)
+    python -m eval.experiments.sclm_vs_causal --work W --preset gpu --nproc 8 # bigger models and more steps
+    make compare
+
+Protocol (METHOD.md §5, scaled down):
+- Pretraining: `tiny-cpu` (MetaLM: decoder + text encoder + connector) and `gpt-baseline-tiny` (the same decoder,
+  no encoder) on the same fetched corpora, tokenizer, steps, batch and seed (configs/tiny-cpu.yaml).
+- Perplexity: the causal-LM view on the validation documents (sliding window), both arms.
+- Zero/few-shot: the held-out and single-task test splits, causal placement for both, encoder placement for MetaLM.
+- Single-task finetuning (SpamAssassin): MetaLM trains its encoder + connector with the decoder frozen
+  (`finetune.mode=encoder`), GPT trains all its parameters (`decoder`); the same steps, batch and LR grid for both;
+  each (arm, LR) for every seed; the LR with the best mean validation accuracy is the arm's, and its best-validation
+  checkpoints are scored on the test split (mean ± sd over seeds, every seed reported).
+- Multitask finetuning on the `--multitask` tasks (each arm at its single-task LR), then few-shot accuracy on the
+  `--held-out` tasks (MetaLM: demonstrations and query through the encoder, the paper's combination; GPT: causal),
+  compared with the same pretrained model before finetuning.
+- Compute: trainable parameters and FLOPs per finetuning step for each arm (`finetune_flops`).
+Writes WORK/results/compare.json (every number), compare.md (the tables) and compare.png; prints a summary.
+Every stage is cached in WORK (a finished run is not rerun), so an interrupted comparison continues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARMS = {"metalm": {"preset": "tiny-cpu", "mode": "encoder", "placement": "encoder"},
+        "gpt": {"preset": "gpt-baseline-tiny", "mode": "decoder", "placement": "causal"}}
+PRESETS = {
+    # about 45 minutes on the 2-core CPU machine
+    "cpu": dict(pretrain_steps=150, ft_steps=60, lrs=[3e-4, 1e-3], ft_micro_batch=4, ft_seq_length=256,
+                ft_eval_items=150, test_items=300, held_out_items=200, shots=[0, 2], ft_max_items=0),
+    # the same recipe at a size worth a GPU (set --nproc and --models to what the machine holds)
+    "gpu": dict(pretrain_steps=5000, ft_steps=1000, lrs=[1e-4, 3e-4, 1e-3], ft_micro_batch=16, ft_seq_length=512,
+                ft_eval_items=0, test_items=0, held_out_items=0, shots=[0, 4], ft_max_items=0),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list[str], log_path: str) -> None:
+    """A subprocess with its output in log_path; a failure raises with the log's tail."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    with open(log_path, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if r.returncode != 0:
+        tail = open(log_path).read()[-3000:]
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+def finished(run_dir: str, steps: int) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "checkpoints", f"step_{steps:08d}", "COMPLETE"))
+
+
+def launch(nproc: int, run_dir: str, overrides: list[str], log_path: str, config: str) -> None:
+    run([sys.executable, "-m", "pretrain.launch", "--nproc-per-node", str(nproc), "--", "--config", config,
+         f"run_dir={run_dir}", "logging.tensorboard=false", "logging.progress_bar=false", *overrides], log_path)
+
+
+def finetune_flops(model_cfg, mode: str, dec_tokens: float, enc_tokens: float) -> float:
+    """FLOPs of one finetuning step (matmuls; PaLM's 6N per token for trained weights): forward 2N per token for
+    every stack used; backward 4N for stacks whose weights train, 2N (activation gradients only) for a frozen stack
+    that gradients flow through (the decoder under `encoder` mode), 0 for stacks nothing flows back into."""
+    parts = model_cfg.param_count()
+    V = model_cfg.vocab_size
+    # matmul weights per token: the decoder's blocks and output projection (the input embedding is a lookup; tied,
+    # it is also the output projection and counted once), the encoder's blocks and the connector
+    n_dec = parts["decoder"] - (0 if model_cfg.tie_embeddings else V * model_cfg.decoder.hidden)
+    n_enc = (parts.get("encoder", 0) - V * model_cfg.encoder.hidden + parts.get("connector", 0)
+             if model_cfg.encoder is not None else 0)
+    dec_back = {"encoder": 2, "full": 4, "decoder": 4}[mode]
+    enc_back = {"encoder": 4, "full": 4, "decoder": 0}[mode]
+    return dec_tokens * (2 + dec_back) * n_dec + enc_tokens * (2 + enc_back) * n_enc
+
+
+def trainable_params(model_cfg, mode: str) -> int:
+    import torch
+
+    from pretrain.finetune import trainable
+    from pretrain.model.metalm import MetaLM
+
+    with torch.device("meta"):
+        model = MetaLM(model_cfg)
+    return sum(p.numel() for n, p in model.named_parameters() if trainable(n, mode))
+
+
+def mean_sd(xs: Sequence[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def fmt(ms: tuple[float, float], digits: int = 3) -> str:
+    m, s = ms
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if not math.isnan(m) else "—"
+
+
+def score(model_dir: str, task_dir: str, tasks: list[str], shots: list[int], placements: list[str], seeds: int,
+          split: str, items: int, name: str) -> list[dict]:
+    from eval.inference import load_model
+    from eval.score import evaluate
+
+    model, cfg, tok, info = load_model(model_dir)
+    return evaluate(model, cfg, tok, task_dir, tasks, shots, placements, seeds, split, items or None,
+                    log=lambda *a, **k: None, meta={"model": name, "step": info.get("step")})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.experiments.sclm_vs_causal", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="work/compare")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--steps", type=int, default=0, help="pretraining steps (default: the preset's)")
+    p.add_argument("--ft-steps", type=int, default=0, help="finetuning steps (default: the preset's)")
+    p.add_argument("--seeds", type=int, default=3, help="finetuning seeds per cell")
+    p.add_argument("--nproc", type=int, default=2, help="processes per training run")
+    p.add_argument("--single", default="spam", help="the single-task finetuning task")
+    p.add_argument("--multitask", default="spam,polarity,finefoods,presuppositions_as_nli",
+                   help="multitask finetuning tasks")
+    p.add_argument("--held-out", default="social_iqa,winowhy", help="tasks for in-context accuracy after multitask")
+    args = p.parse_args(argv)
+    P = dict(PRESETS[args.preset])
+    if args.steps:
+        P["pretrain_steps"] = args.steps
+    if args.ft_steps:
+        P["ft_steps"] = args.ft_steps
+    work = os.path.abspath(args.work)
+    seeds = list(range(args.seeds))
+    single, multi, held = args.single, args.multitask.split(","), args.held_out.split(",")
+    t0 = time.perf_counter()
+    out: dict = {"date": time.strftime("%Y-%m-%d"), "preset": args.preset, "settings": P, "seeds": args.seeds,
+                 "command": "python -m eval.experiments.sclm_vs_causal " + " ".join(argv or sys.argv[1:])}
+
+    # ---- data: corpora, tokenizer, dataset; tasks
+    log("data: corpora -> tokenizer -> dataset (data_tools.demo), tasks (data_tools.tasks)")
+    if not os.path.isfile(os.path.join(work, "data", "corpus_text_document.idx")):
+        run([sys.executable, "-m", "data_tools.demo", "--work", work, "--seq-length", "512", "--samples", "0"],
+            os.path.join(work, "logs", "data.log"))
+    task_dir = os.path.join(work, "tasks")
+    from data_tools.tasks import fetch
+
+    for t in sorted({single, *multi, *held}):
+        fetch(t, task_dir, log=lambda *a, **k: None)
+    tok_model = os.path.join(work, "tokenizer", "spm.model")
+    data = os.path.join(work, "data", "corpus_text_document")
+
+    # ---- pretraining: the same tokens, steps, batch and seed for both arms
+    from pretrain.convert import read_checkpoint, resolve_tokenizer, write_consolidated
+
+    models = {}
+    for arm, a in ARMS.items():
+        run_dir = os.path.join(work, "runs", arm)
+        if not finished(run_dir, P["pretrain_steps"]):
+            log(f"pretraining {arm} ({a['preset']}), {P['pretrain_steps']} steps")
+            launch(args.nproc, run_dir, [f"model.preset={a['preset']}", f"data.tokenizer_model={tok_model}",
+                                         f"data.data_path=[{data}]", f"schedule.train_steps={P['pretrain_steps']}",
+                                         f"checkpoint.save_interval={P['pretrain_steps']}"],
+                   os.path.join(work, "logs", f"pretrain_{arm}.log"), "tiny-cpu")
+        models[arm] = os.path.join(work, "models", arm)
+        if not os.path.isfile(os.path.join(models[arm], "metalm.json")):
+            cfg, sd, info = read_checkpoint(os.path.join(run_dir, "checkpoints"))
+            write_consolidated(models[arm], cfg, sd, resolve_tokenizer(cfg), info)
+
+    # ---- perplexity and zero/few-shot before finetuning
+    from eval.demo import validation_range
+    from eval.inference import load_model
+    from eval.perplexity import read_documents, score_documents
+
+    out["pretrained"] = {}
+    for arm, a in ARMS.items():
+        model, cfg, tok, info = load_model(models[arm])
+        docs, _ = read_documents(data, tok, "text", "eod", None)
+        held_docs = docs[slice(*validation_range(cfg.data.split, len(docs)))]
+        nll, n = score_documents(model, held_docs, cfg.model.max_seq_length, cfg.model.max_seq_length // 2)
+        placements = ["causal"] + (["encoder"] if arm == "metalm" else [])
+        recs = score(models[arm], task_dir, held + [single], P["shots"], placements, args.seeds, "test",
+                     P["held_out_items"], arm)
+        out["pretrained"][arm] = {"perplexity": math.exp(nll / n), "tokens": n, "records": recs}
+        log(f"{arm}: validation perplexity {math.exp(nll / n):.1f}")
+
+    # ---- single-task finetuning: the paper's protocol, an LR grid, seeds
+    def ft_run(kind: str, arm: str, tasks: list[str], lr: float, seed: int) -> str:
+        run_dir = os.path.join(work, "ft", kind, arm, f"lr{lr:g}", f"seed{seed}")
+        if not os.path.isfile(os.path.join(run_dir, "checkpoints", "best.json")) or \
+                not finished(run_dir, P["ft_steps"]):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            launch(args.nproc, run_dir, [f"checkpoint.init_from={models[arm]}", f"finetune.tasks=[{','.join(tasks)}]",
+                                         f"finetune.mode={ARMS[arm]['mode']}", f"finetune.data_dir={task_dir}",
+                                         f"finetune.eval_items={P['ft_eval_items']}",
+                                         f"finetune.max_items={P['ft_max_items']}", f"optimizer.lr={lr}",
+                                         f"optimizer.min_lr={lr / 10}", f"schedule.train_steps={P['ft_steps']}",
+                                         f"schedule.warmup_steps={max(1, P['ft_steps'] // 10)}",
+                                         f"logging.eval_interval={max(1, P['ft_steps'] // 3)}",
+                                         f"parallel.micro_batch={P['ft_micro_batch']}",
+                                         f"data.seq_length={P['ft_seq_length']}", f"seed={seed}"],
+                   os.path.join(work, "logs", f"ft_{kind}_{arm}_lr{lr:g}_s{seed}.log"), "finetune")
+        return run_dir
+
+    out["single"] = {}
+    for arm in ARMS:
+        cells = {}
+        for lr in P["lrs"]:
+            for seed in seeds:
+                log(f"single-task finetuning on {single}: {arm}, mode {ARMS[arm]['mode']}, lr {lr:g}, seed {seed}")
+                rd = ft_run("single", arm, [single], lr, seed)
+                best = json.load(open(os.path.join(rd, "checkpoints", "best.json")))
+                cells.setdefault(lr, []).append({"seed": seed, "run": rd, "valid_acc": best[f"ft/{single}/acc"],
+                                                 "best_step": best["step"]})
+        chosen = max(P["lrs"], key=lambda lr: mean_sd([c["valid_acc"] for c in cells[lr]])[0])
+        for c in cells[chosen]:
+            rec = score(os.path.join(c["run"], "checkpoints", "best"), task_dir, [single], [0],
+                        [ARMS[arm]["placement"]], 1, "test", P["test_items"], arm)[0]
+            c["test"] = rec["metrics"]
+            c["majority"], c["chance"], c["n"] = rec["majority"], rec["chance"], rec["n"]
+        out["single"][arm] = {"lrs": {f"{lr:g}": cells[lr] for lr in P["lrs"]}, "chosen_lr": chosen,
+                              "test_acc": mean_sd([c["test"]["acc"] for c in cells[chosen]]),
+                              "valid_acc": mean_sd([c["valid_acc"] for c in cells[chosen]])}
+        log(f"{arm}: {single} test accuracy {fmt(out['single'][arm]['test_acc'])} at lr {chosen:g} "
+            f"(majority {cells[chosen][0]['majority']:.3f})")
+
+    # ---- multitask finetuning, then in-context accuracy on held-out tasks
+    out["multitask"] = {}
+    for arm in ARMS:
+        lr = out["single"][arm]["chosen_lr"]
+        per_seed = []
+        for seed in seeds:
+            log(f"multitask finetuning on {','.join(multi)}: {arm}, lr {lr:g}, seed {seed}")
+            rd = ft_run("multi", arm, multi, lr, seed)
+            recs = score(os.path.join(rd, "checkpoints", "best"), task_dir, held, P["shots"],
+                         [ARMS[arm]["placement"]], 1, "test", P["held_out_items"], f"{arm}-multitask")
+            per_seed.append({"seed": seed, "run": rd, "records": recs})
+        out["multitask"][arm] = per_seed
+
+    # ---- compute per finetuning step
+    from pretrain.config import PRESETS as MODEL_PRESETS
+
+    out["compute"] = {}
+    rows_per_step = P["ft_micro_batch"] * args.nproc
+    for arm, a in ARMS.items():
+        mc = MODEL_PRESETS[a["preset"]]()
+        dec_tokens = rows_per_step * P["ft_seq_length"]
+        enc_tokens = dec_tokens * 0.8 if a["mode"] == "encoder" else 0.0  # task inputs fill most of a row
+        out["compute"][arm] = {"trainable": trainable_params(mc, a["mode"]),
+                               "total": mc.param_count()["total"],
+                               "flops_per_step": finetune_flops(mc, a["mode"], dec_tokens, enc_tokens)}
+
+    # ---- report
+    out["seconds"] = time.perf_counter() - t0
+    res = os.path.join(work, "results")
+    os.makedirs(res, exist_ok=True)
+    with open(os.path.join(res, "compare.json"), "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    md = markdown(out, single, held)
+    with open(os.path.join(res, "compare.md"), "w") as f:
+        f.write(md)
+    plot(out, single, held, os.path.join(res, "compare.png"))
+    print("\n" + md)
+    log(f"wrote {res}/compare.json, compare.md, compare.png ({out['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _acc(records: list[dict], task: str, placement: str, shots: int, metric: str = "acc") -> tuple[float, float]:
+    return mean_sd([r["metrics"][metric] for r in records
+                    if r["task"] == task and r["placement"] == placement and r["shots"] == shots])
+
+
+def markdown(out: dict, single: str, held: list[str]) -> str:
+    P = out["settings"]
+    s, pre = out["single"], out["pretrained"]
+    lines = [f"Comparison of {out['date']} (`{out['command']}`; {out['seeds']} finetuning seeds, mean ± sd; "
+             f"{out['seconds'] / 60:.0f} min)", "",
+             "| | MetaLM (semi-causal) | GPT (causal) |", "|---|---|---|",
+             f"| validation perplexity (causal view) | {pre['metalm']['perplexity']:.1f} | "
+             f"{pre['gpt']['perplexity']:.1f} |"]
+    for k in P["shots"]:
+        lines.append(f"| {single} test acc, {k}-shot, before finetuning (causal / encoder placement) | "
+                     f"{fmt(_acc(pre['metalm']['records'], single, 'causal', k))} / "
+                     f"{fmt(_acc(pre['metalm']['records'], single, 'encoder', k))} | "
+                     f"{fmt(_acc(pre['gpt']['records'], single, 'causal', k))} |")
+    maj = s["metalm"]["lrs"][f"{s['metalm']['chosen_lr']:g}"][0].get("majority", float("nan"))
+    lines.append(f"| **{single} test acc after single-task finetuning** (majority class {maj:.3f}) | "
+                 f"**{fmt(s['metalm']['test_acc'])}** (encoder only, decoder frozen, "
+                 f"lr {s['metalm']['chosen_lr']:g}) | "
+                 f"**{fmt(s['gpt']['test_acc'])}** (all parameters, lr {s['gpt']['chosen_lr']:g}) |")
+    lines.append(f"| {single} validation acc of the chosen LR | {fmt(s['metalm']['valid_acc'])} | "
+                 f"{fmt(s['gpt']['valid_acc'])} |")
+    for t in held:
+        for k in P["shots"]:
+            before_m = _acc(pre["metalm"]["records"], t, "encoder", k)
+            before_g = _acc(pre["gpt"]["records"], t, "causal", k)
+            after_m = mean_sd([_acc(x["records"], t, "encoder", k)[0] for x in out["multitask"]["metalm"]])
+            after_g = mean_sd([_acc(x["records"], t, "causal", k)[0] for x in out["multitask"]["gpt"]])
+            lines.append(f"| held-out {t}, {k}-shot: before → after multitask finetuning | {fmt(before_m)} → "
+                         f"{fmt(after_m)} | {fmt(before_g)} → {fmt(after_g)} |")
+    c = out["compute"]
+    lines.append(f"| trainable parameters during finetuning | {c['metalm']['trainable'] / 1e6:.2f}M of "
+                 f"{c['metalm']['total'] / 1e6:.2f}M | {c['gpt']['trainable'] / 1e6:.2f}M of "
+                 f"{c['gpt']['total'] / 1e6:.2f}M |")
+    lines.append(f"| FLOPs per finetuning step | {c['metalm']['flops_per_step'] / 1e9:.2f} G | "
+                 f"{c['gpt']['flops_per_step'] / 1e9:.2f} G |")
+    lines += ["", "Single-task validation accuracy per LR (mean ± sd over seeds): "
+              + "; ".join(f"{arm} " + ", ".join(f"lr {lr}: {fmt(mean_sd([c['valid_acc'] for c in cells]))}"
+                                                for lr, cells in s[arm]["lrs"].items()) for arm in s), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: dict, single: str, held: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, m_vals, g_vals = [], [], []
+    labels.append(f"{single}\nfinetuned")
+    m_vals.append(out["single"]["metalm"]["test_acc"])
+    g_vals.append(out["single"]["gpt"]["test_acc"])
+    k = max(out["settings"]["shots"])
+    for t in held:
+        labels.append(f"{t}\n{k}-shot, multitask")
+        m_vals.append(mean_sd([_acc(x["records"], t, "encoder", k)[0] for x in out["multitask"]["metalm"]]))
+        g_vals.append(mean_sd([_acc(x["records"], t, "causal", k)[0] for x in out["multitask"]["gpt"]]))
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(2.2 * len(labels) + 2, 4))
+    for off, vals, name in ((-0.2, m_vals, "MetaLM (semi-causal)"), (0.2, g_vals, "GPT (causal)")):
+        ax.bar(x + off, [v[0] for v in vals], 0.4, yerr=[v[1] for v in vals], capsize=4, label=name)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("semi-causal vs causal pretraining (mean ± sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
