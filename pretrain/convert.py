@@ -175,6 +175,13 @@ def read_checkpoint(path: str) -> tuple[object, dict, dict]:
             raise ConvertError(f"{tag_dir}: {e}") from None
         sd = {k: v.float() for k, v in full.items() if isinstance(v, torch.Tensor)}
         source = f"zero_to_fp32 (ZeRO-{stage})"
+        # frozen parameters (finetuning) have no fp32 master in the optimizer; DeepSpeed records them for
+        # zero_to_fp32 at some stages only, but under ZeRO-1/2 the module states always hold them whole
+        frozen = [k for k, v in states["module"].items() if isinstance(v, torch.Tensor) and k not in sd
+                  and not k.endswith("._extra_state")]
+        if frozen and stage >= 3:
+            raise ConvertError(f"{tag_dir}: ZeRO-3 checkpoint without its frozen parameters ({frozen[0]}, ...)")
+        sd.update({k: states["module"][k].float() for k in frozen})
     elif stage == 3:
         raise ConvertError(f"{tag_dir}: ZeRO-3 with tensor parallelism (tp={tp}) is not supported by zero_to_fp32")
     else:

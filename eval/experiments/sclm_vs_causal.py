@@ -40,7 +40,7 @@ ARMS = {"metalm": {"preset": "tiny-cpu", "mode": "encoder", "placement": "encode
         "gpt": {"preset": "gpt-baseline-tiny", "mode": "decoder", "placement": "causal"}}
 PRESETS = {
     # about 45 minutes on the 2-core CPU machine
-    "cpu": dict(pretrain_steps=150, ft_steps=60, lrs=[3e-4, 1e-3], ft_micro_batch=4, ft_seq_length=256,
+    "cpu": dict(pretrain_steps=300, ft_steps=80, lrs=[3e-4, 1e-3], ft_micro_batch=4, ft_seq_length=256,
                 ft_eval_items=150, test_items=300, held_out_items=200, shots=[0, 2], ft_max_items=0),
     # the same recipe at a size worth a GPU (set --nproc and --models to what the machine holds)
     "gpu": dict(pretrain_steps=5000, ft_steps=1000, lrs=[1e-4, 3e-4, 1e-3], ft_micro_batch=16, ft_seq_length=512,
@@ -308,7 +308,10 @@ def markdown(out: dict, single: str, held: list[str]) -> str:
             before_g = _acc(pre["gpt"]["records"], t, "causal", k)
             after_m = mean_sd([_acc(x["records"], t, "encoder", k)[0] for x in out["multitask"]["metalm"]])
             after_g = mean_sd([_acc(x["records"], t, "causal", k)[0] for x in out["multitask"]["gpt"]])
-            lines.append(f"| held-out {t}, {k}-shot: before → after multitask finetuning | {fmt(before_m)} → "
+            ref = next((r for r in pre["gpt"]["records"] if r["task"] == t), {})
+            lines.append(f"| held-out {t} (chance {ref.get('chance', float('nan')):.3f}, majority "
+                         f"{ref.get('majority', float('nan')):.3f}), {k}-shot: before → after multitask finetuning | "
+                         f"{fmt(before_m)} → "
                          f"{fmt(after_m)} | {fmt(before_g)} → {fmt(after_g)} |")
     c = out["compute"]
     lines.append(f"| trainable parameters during finetuning | {c['metalm']['trainable'] / 1e6:.2f}M of "
