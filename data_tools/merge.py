@@ -42,7 +42,9 @@ def merge(inputs: Sequence[str], output_prefix: str) -> tuple[int, int]:
             builder.add_index(prefix)
         builder.finalize(output_prefix + ".idx" + tmp)
         if spec is not None:
-            write_durable(output_prefix + ".tokenizer.json", json.dumps({"tokenizer": spec}, indent=2) + "\n")
+            meta = {"tokenizer": {k: v for k, v in spec.items() if k != "vocab_size"},
+                    "vocab_size": spec.get("vocab_size")}
+            write_durable(output_prefix + ".tokenizer.json", json.dumps(meta, indent=2) + "\n")
         publish_dataset(output_prefix, tmp)
         done = True
     finally:

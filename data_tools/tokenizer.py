@@ -444,7 +444,8 @@ def dataset_tokenizer_spec(prefix: str) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
-        return json.load(open(path))["tokenizer"]
+        meta = json.load(open(path))
+        return dict(meta["tokenizer"], vocab_size=meta.get("vocab_size"))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a tokenizer record ({e})") from None
 

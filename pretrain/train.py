@@ -106,8 +106,8 @@ def validate(cfg: TrainConfig, world: int) -> None:
 
 def resolve_tokenizer(cfg: TrainConfig):
     """The run's tokenizer: the one `data.tokenizer_*` names, else the one preprocessing recorded beside the first
-    dataset (PREFIX.tokenizer.json). A dataset made with another tokenizer (other vocabulary size or end-of-document
-    id) is refused. The resolved type, files and eod id are written back into cfg.data, so the config saved with
+    dataset (PREFIX.tokenizer.json). A dataset recorded with another tokenizer (other vocabulary size, or other
+    end-of-document / eos / bos id) is refused. The resolved type, files and eod id are written back into cfg.data, so the config saved with
     the run and its checkpoints names the tokenizer exactly."""
     from data_tools.cli import UserError
     from data_tools.datasets import parse_blend
@@ -127,11 +127,14 @@ def resolve_tokenizer(cfg: TrainConfig):
     except UserError as e:
         raise ConfigError(f"data.tokenizer_*: {e}") from None
     for prefix, spec in recorded:
-        ids = spec.get("ids", {})
-        if ids.get("eod") not in (None, tok.eod):
-            raise ConfigError(f"dataset {prefix} was made with end-of-document id {ids['eod']} "
-                              f"({spec.get('type')} {spec.get('model') or spec.get('vocab_file')}), the configured "
-                              f"tokenizer's is {tok.eod} ({tok.describe()})")
+        ids, mine = spec.get("ids", {}), vars(tok.ids)
+        diff = [f"{k} {ids[k]} vs {mine[k]}" for k in ("eod", "eos", "bos") if k in ids and ids[k] != mine[k]]
+        if spec.get("vocab_size") not in (None, tok.vocab_size):
+            diff.append(f"vocabulary {spec['vocab_size']} vs {tok.vocab_size}")
+        if diff:
+            raise ConfigError(f"dataset {prefix} was made with another tokenizer ({spec.get('type')} "
+                              f"{spec.get('model') or spec.get('vocab_file')}) than the configured one "
+                              f"({tok.describe()}): {', '.join(diff)}")
     spec = tok.spec()
     d.tokenizer_type = tok.kind
     d.tokenizer_model = spec.get("model", "")
@@ -220,9 +223,7 @@ def init_weights(cfg: TrainConfig, model) -> TrainState | None:
     position when the directory came from `pretrain.convert reshard`."""
     from megatron.core import parallel_state
 
-    from pretrain.convert import load_into
-
-    from pretrain.convert import read_model
+    from pretrain.convert import load_into, read_model
 
     src_cfg, sd, info = read_model(cfg.checkpoint.init_from)
     load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,

@@ -112,7 +112,7 @@ def test_megatron_tokenizers_agree(tmp_path):
 
 # ------------------------------------------------------------------ Megatron's test_preprocess_data.py checks
 @pytest.mark.parametrize("backend", ["spm", "gpt2"])
-def test_megatron_preprocess_test_logic(tmp_path, backend, gpt2_files):
+def test_megatron_preprocess_test_logic(tmp_path, backend, gpt2_files, capfd):
     """The checks of Megatron-LM's tests/unit_tests/data/test_preprocess_data.py (core_v0.16.1), pointed at our
     tools: several jsonl files preprocessed with Megatron's flags (--workers, --log-interval 1, --append-eod), then
     merged; for every raw line, decode(its tokenization) == decode(the processed document) == decode(the merged
@@ -132,18 +132,17 @@ def test_megatron_preprocess_test_logic(tmp_path, backend, gpt2_files):
     else:
         tok_args = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", gpt2_files[0], "--merge-file",
                     gpt2_files[1]]
+    from data_tools import merge
+    from data_tools import preprocess as prep
+
     names = sorted(p.stem for p in raws.iterdir())
-    for name in names:
-        r = subprocess.run([sys.executable, "-m", "data_tools.preprocess", "--input", str(raws / f"{name}.jsonl"),
-                            "--output-prefix", str(data / name), *tok_args, "--append-eod", "--workers", "2",
-                            "--log-interval", "1", "--partitions", "1", "--keep-newlines"],
-                           capture_output=True, text=True, env=env(), cwd=ROOT)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert "processed" in r.stderr  # --log-interval lines
-    r = subprocess.run([sys.executable, "-m", "data_tools.merge", "--input",
-                        *[str(data / f"{n}_text_document") for n in names], "--output-prefix", str(data / "merge")],
-                       capture_output=True, text=True, env=env(), cwd=ROOT)
-    assert r.returncode == 0, r.stderr
+    for name in names:  # the command-line entry points, in-process (the CLI itself is run in the byte-identity test)
+        assert prep.main(["--input", str(raws / f"{name}.jsonl"), "--output-prefix", str(data / name), *tok_args,
+                          "--append-eod", "--workers", "2", "--log-interval", "1", "--partitions", "1",
+                          "--keep-newlines"]) == 0
+        assert "processed" in capfd.readouterr().err  # --log-interval lines
+    assert merge.main(["--input", *[str(data / f"{n}_text_document") for n in names],
+                       "--output-prefix", str(data / "merge")]) == 0
     tok = load_tokenizer(str(FIX / "spm_bpe2k.model")) if backend == "spm" else GPT2BPETokenizer(*gpt2_files)
     merged = IndexedDataset(str(data / "merge"))
     merged_index, at = 0, 0
@@ -254,6 +253,22 @@ def test_megatron_flags_accepted_or_refused_by_name(tmp_path):
         assert r.returncode == 2 and r.stderr.strip().startswith(f"error: {msg}"), r.stderr
         assert "Traceback" not in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_training_reads_the_recorded_tokenizer_and_refuses_another(tmp_path, tok_model):
+    from pretrain.config import ConfigError, load_config
+    from pretrain.train import resolve_tokenizer
+
+    preprocess([str(FIX / "small.jsonl")], str(tmp_path / "d"), load_tokenizer(str(FIX / "hf_bpe3k")),
+               append_eod=True, **QUIET)
+    prefix = output_prefixes(str(tmp_path / "d"), ["text"])[0]
+    cfg = load_config(None, [f"data.data_path=[{prefix}]"])
+    tok = resolve_tokenizer(cfg)  # no tokenizer in the config: the dataset's record names it
+    assert tok.kind == "HuggingFaceTokenizer" and cfg.data.tokenizer_type == "HuggingFaceTokenizer"
+    assert cfg.data.tokenizer_model == str(FIX / "hf_bpe3k")
+    cfg = load_config(None, [f"data.data_path=[{prefix}]", f"data.tokenizer_model={tok_model}"])
+    with pytest.raises(ConfigError, match=r"made with another tokenizer .* eod 0 vs 4"):
+        resolve_tokenizer(cfg)
 
 
 # ------------------------------------------------------------------ Llama checkpoints in and out

@@ -92,11 +92,42 @@ def trainable_params(model_cfg, mode: str) -> int:
     import torch
 
     from pretrain.finetune import trainable
+    from pretrain.parallel import init_distributed, init_model_parallel
+
+    init_distributed("gloo")
+    init_model_parallel(1, 1)
     from pretrain.model.metalm import MetaLM
 
     with torch.device("meta"):
         model = MetaLM(model_cfg)
     return sum(p.numel() for n, p in model.named_parameters() if trainable(n, mode))
+
+
+def compute_table(P: dict, nproc: int) -> dict:
+    """Trainable parameters and FLOPs per finetuning step of each arm (rows of the preset's size)."""
+    from pretrain.config import PRESETS as MODEL_PRESETS
+
+    out = {}
+    rows_per_step = P["ft_micro_batch"] * nproc
+    for arm, a in ARMS.items():
+        mc = MODEL_PRESETS[a["preset"]]()
+        dec_tokens = rows_per_step * P["ft_seq_length"]
+        # a finetuning row's encoder row is as long as its decoder row (pretrain/finetune.py TaskRows)
+        enc_tokens = dec_tokens if a["placement"] == "encoder" else 0.0
+        out[arm] = {"trainable": trainable_params(mc, a["mode"]), "total": mc.param_count()["total"],
+                    "flops_per_step": finetune_flops(mc, a["mode"], dec_tokens, enc_tokens)}
+    return out
+
+
+def write_report(out: dict, single: str, held: list[str], res: str) -> str:
+    os.makedirs(res, exist_ok=True)
+    with open(os.path.join(res, "compare.json"), "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    md = markdown(out, single, held)
+    with open(os.path.join(res, "compare.md"), "w") as f:
+        f.write(md)
+    plot(out, single, held, os.path.join(res, "compare.png"))
+    return md
 
 
 def mean_sd(xs: Sequence[float]) -> tuple[float, float]:
@@ -134,7 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--multitask", default="spam,polarity,finefoods,presuppositions_as_nli",
                    help="multitask finetuning tasks")
     p.add_argument("--held-out", default="social_iqa,winowhy", help="tasks for in-context accuracy after multitask")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the tables and plot from WORK/results/compare.json (compute figures recomputed)")
     args = p.parse_args(argv)
+    if args.report_only:
+        res = os.path.join(os.path.abspath(args.work), "results")
+        out = json.load(open(os.path.join(res, "compare.json")))
+        out["compute"] = compute_table(out["settings"], args.nproc)
+        print(write_report(out, args.single, args.held_out.split(","), res))
+        return 0
     P = dict(PRESETS[args.preset])
     if args.steps:
         P["pretrain_steps"] = args.steps
@@ -250,28 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out["multitask"][arm] = per_seed
 
     # ---- compute per finetuning step
-    from pretrain.config import PRESETS as MODEL_PRESETS
-
-    out["compute"] = {}
-    rows_per_step = P["ft_micro_batch"] * args.nproc
-    for arm, a in ARMS.items():
-        mc = MODEL_PRESETS[a["preset"]]()
-        dec_tokens = rows_per_step * P["ft_seq_length"]
-        enc_tokens = dec_tokens * 0.8 if a["mode"] == "encoder" else 0.0  # task inputs fill most of a row
-        out["compute"][arm] = {"trainable": trainable_params(mc, a["mode"]),
-                               "total": mc.param_count()["total"],
-                               "flops_per_step": finetune_flops(mc, a["mode"], dec_tokens, enc_tokens)}
+    out["compute"] = compute_table(P, args.nproc)
 
     # ---- report
     out["seconds"] = time.perf_counter() - t0
     res = os.path.join(work, "results")
-    os.makedirs(res, exist_ok=True)
-    with open(os.path.join(res, "compare.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    md = markdown(out, single, held)
-    with open(os.path.join(res, "compare.md"), "w") as f:
-        f.write(md)
-    plot(out, single, held, os.path.join(res, "compare.png"))
+    md = write_report(out, single, held, res)
     print("\n" + md)
     log(f"wrote {res}/compare.json, compare.md, compare.png ({out['seconds'] / 60:.1f} min)")
     return 0
