@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine with Python 3.11 (see README):
 #   make demo   -- set up, fetch real text, train a tokenizer, preprocess, show dataset statistics and samples,
 #                  pretrain the tiny-cpu MetaLM and its GPT baseline (2 processes, ZeRO-2), plot the loss curves,
+#                  finetune both on SpamAssassin (MetaLM: encoder only, decoder frozen; GPT: all parameters),
 #                  then evaluate both side by side (eval.demo): perplexity, zero/few-shot accuracy on real tasks
 #                  (causal and encoder placement), KV-cached generation, a report, a summary. MODELS=tiny-cpu: one.
 #   make test   -- set up and run the test suite
@@ -14,6 +15,7 @@ MODELS ?= tiny-cpu gpt-baseline-tiny
 NPROC ?= 2
 OVERRIDES ?=
 PROMPT ?= It is a truth universally acknowledged that
+FT_STEPS ?= 40
 
 .PHONY: setup demo test bench compare clean
 
@@ -33,6 +35,12 @@ demo: setup
 		$(BIN)/python -m pretrain.launch --nproc-per-node $(NPROC) -- --config configs/tiny-cpu.yaml \
 			model.preset=$$m run_dir=$(WORK)/runs/$$m data.tokenizer_model=$(WORK)/tokenizer/spm.model \
 			"data.data_path=[$(WORK)/data/corpus_text_document]" $(OVERRIDES) || exit 1; \
+	done
+	$(BIN)/python -m data_tools.tasks fetch --name spam --out $(WORK)/tasks
+	for m in $(MODELS); do \
+		$(BIN)/python -m pretrain.launch --nproc-per-node $(NPROC) -- --config finetune finetune.tasks=[spam] \
+			checkpoint.init_from=$(WORK)/runs/$$m run_dir=$(WORK)/finetuned/$$m finetune.data_dir=$(WORK)/tasks \
+			schedule.train_steps=$(FT_STEPS) logging.eval_interval=20 || exit 1; \
 	done
 	$(BIN)/python -m pretrain.plot $$(ls -d $(WORK)/runs/*/) --out $(WORK)/loss.png
 	$(BIN)/python -m eval.demo --work $(WORK) --prompt "$(PROMPT)"

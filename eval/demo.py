@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"generation with a passage through the encoder: [{PASSAGE!r}] 'In short,' -> {docked.text!r}")
         scored = [(r["metrics"][m] - r["majority"], m, r) for r in records for m in r["metrics"]]
         summary.append((name, info.get("step"), ppl, records, max(scored, key=lambda x: x[0])))
+    finetuned = finetuned_runs(args.work, task_dir, args.items)
     rows = report.summarise(report.load_records(sorted(glob.glob(os.path.join(results, "*.json")))))
     print("\n== report (mean ± sd over seeds; 0-shot has no randomness)")
     print(report.markdown(rows))
@@ -91,7 +92,37 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(above)} above the majority-class rate in some metric; best: {r['task']} {r['placement']} "
               f"{r['shots']}-shot seed {r['seed']} {metric} {r['metrics'][metric]:.3f} (majority {r['majority']:.3f}, "
               f"chance {r['chance']:.3f}, n={r['n']})")
+    for name, rec, best in finetuned:
+        print(f"- {name} finetuned on {rec['task']} ({best['mode']}, best validation step {best['step']}): test acc "
+              f"{rec['metrics']['acc']:.3f} ({rec['placement']} placement; majority {rec['majority']:.3f}, n={rec['n']})")
     return 0
+
+
+def finetuned_runs(work: str, task_dir: str, items: int) -> list[tuple[str, dict, dict]]:
+    """Runs under WORK/finetuned (make demo finetunes each pretrained model on one task): their best-validation
+    checkpoint scored on the task's test split, in the placement it was finetuned for."""
+    import json
+
+    from eval.inference import load_model
+    from eval.score import evaluate
+
+    out = []
+    for run in sorted(glob.glob(os.path.join(work, "finetuned", "*", "checkpoints", "best"))):
+        name = os.path.basename(os.path.dirname(os.path.dirname(run)))
+        best = json.load(open(os.path.join(os.path.dirname(run), "best.json")))
+        model, cfg, tok, info = load_model(run)
+        f = cfg.finetune
+        mode = "encoder only, decoder frozen" if model.encoder is not None and f.mode in ("auto", "encoder") \
+            else "all parameters"
+        placement = "encoder" if model.encoder is not None and f.placement in ("auto", "encoder") else "causal"
+        if not out:
+            print("\n== finetuned (make demo: a few dozen steps on one task, the best validation checkpoint)")
+        rec = evaluate(model, cfg, tok, task_dir, list(f.tasks)[:1], [0], [placement], 1, "test", items,
+                       log=lambda *a, **k: None, meta={"model": f"{name}-finetuned", "step": info.get("step")})[0]
+        print(f"{name}: {rec['task']} test acc {rec['metrics']['acc']:.3f} after finetuning ({mode}); majority "
+              f"class {rec['majority']:.3f}")
+        out.append((name, rec, dict(best, mode=mode)))
+    return out
 
 
 if __name__ == "__main__":
