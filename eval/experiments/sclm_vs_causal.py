@@ -228,8 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         held_docs = docs[slice(*validation_range(cfg.data.split, len(docs)))]
         nll, n = score_documents(model, held_docs, cfg.model.max_seq_length, cfg.model.max_seq_length // 2)
         placements = ["causal"] + (["encoder"] if arm == "metalm" else [])
-        recs = score(models[arm], task_dir, held + [single], P["shots"], placements, args.seeds, "test",
+        recs = score(models[arm], task_dir, held, P["shots"], placements, args.seeds, "test",
                      P["held_out_items"], arm)
+        # the single task on the same test items as after finetuning
+        recs += score(models[arm], task_dir, [single], P["shots"], placements, args.seeds, "test", P["test_items"], arm)
         out["pretrained"][arm] = {"perplexity": math.exp(nll / n), "tokens": n, "records": recs}
         log(f"{arm}: validation perplexity {math.exp(nll / n):.1f}")
 
@@ -325,15 +327,16 @@ def markdown(out: dict, single: str, held: list[str]) -> str:
                  f"**{fmt(s['gpt']['test_acc'])}** (all parameters, lr {s['gpt']['chosen_lr']:g}) |")
     lines.append(f"| {single} validation acc of the chosen LR | {fmt(s['metalm']['valid_acc'])} | "
                  f"{fmt(s['gpt']['valid_acc'])} |")
-    for t in held:
+    for t in held:  # multiple choice with answers of different lengths: acc_norm, as lm-evaluation-harness reports
         for k in P["shots"]:
-            before_m = _acc(pre["metalm"]["records"], t, "encoder", k)
-            before_g = _acc(pre["gpt"]["records"], t, "causal", k)
-            after_m = mean_sd([_acc(x["records"], t, "encoder", k)[0] for x in out["multitask"]["metalm"]])
-            after_g = mean_sd([_acc(x["records"], t, "causal", k)[0] for x in out["multitask"]["gpt"]])
+            before_m = _acc(pre["metalm"]["records"], t, "encoder", k, "acc_norm")
+            before_g = _acc(pre["gpt"]["records"], t, "causal", k, "acc_norm")
+            after_m = mean_sd([_acc(x["records"], t, "encoder", k, "acc_norm")[0] for x in out["multitask"]["metalm"]])
+            after_g = mean_sd([_acc(x["records"], t, "causal", k, "acc_norm")[0] for x in out["multitask"]["gpt"]])
             ref = next((r for r in pre["gpt"]["records"] if r["task"] == t), {})
             lines.append(f"| held-out {t} (chance {ref.get('chance', float('nan')):.3f}, majority "
-                         f"{ref.get('majority', float('nan')):.3f}), {k}-shot: before → after multitask finetuning | "
+                         f"{ref.get('majority', float('nan')):.3f}), {k}-shot acc_norm: before → after multitask "
+                         "finetuning | "
                          f"{fmt(before_m)} → "
                          f"{fmt(after_m)} | {fmt(before_g)} → {fmt(after_g)} |")
     c = out["compute"]
@@ -360,9 +363,9 @@ def plot(out: dict, single: str, held: list[str], path: str) -> None:
     g_vals.append(out["single"]["gpt"]["test_acc"])
     k = max(out["settings"]["shots"])
     for t in held:
-        labels.append(f"{t}\n{k}-shot, multitask")
-        m_vals.append(mean_sd([_acc(x["records"], t, "encoder", k)[0] for x in out["multitask"]["metalm"]]))
-        g_vals.append(mean_sd([_acc(x["records"], t, "causal", k)[0] for x in out["multitask"]["gpt"]]))
+        labels.append(f"{t} ({k}-shot,\nacc_norm) after multitask")
+        m_vals.append(mean_sd([_acc(x["records"], t, "encoder", k, "acc_norm")[0] for x in out["multitask"]["metalm"]]))
+        g_vals.append(mean_sd([_acc(x["records"], t, "causal", k, "acc_norm")[0] for x in out["multitask"]["gpt"]]))
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(2.2 * len(labels) + 2, 4))
     for off, vals, name in ((-0.2, m_vals, "MetaLM (semi-causal)"), (0.2, g_vals, "GPT (causal)")):
