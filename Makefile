@@ -15,7 +15,7 @@ MODELS ?= tiny-cpu gpt-baseline-tiny
 NPROC ?= 2
 OVERRIDES ?=
 PROMPT ?= It is a truth universally acknowledged that
-FT_STEPS ?= 40
+FT_STEPS ?= 80
 
 .PHONY: setup demo test bench compare clean
 
@@ -40,7 +40,7 @@ demo: setup
 	for m in $(MODELS); do \
 		$(BIN)/python -m pretrain.launch --nproc-per-node $(NPROC) -- --config finetune finetune.tasks=[spam] \
 			checkpoint.init_from=$(WORK)/runs/$$m run_dir=$(WORK)/finetuned/$$m finetune.data_dir=$(WORK)/tasks \
-			schedule.train_steps=$(FT_STEPS) logging.eval_interval=20 || exit 1; \
+			schedule.train_steps=$(FT_STEPS) || exit 1; \
 	done
 	$(BIN)/python -m pretrain.plot $$(ls -d $(WORK)/runs/*/) --out $(WORK)/loss.png
 	$(BIN)/python -m eval.demo --work $(WORK) --prompt "$(PROMPT)"
