@@ -483,6 +483,15 @@ def from_data_config(d, model_override: str = "") -> BaseTokenizer:
                           "" if model_override else getattr(d, "merge_file", ""), eod)
 
 
+def write_to_data_config(tok: BaseTokenizer, d) -> None:
+    """Name `tok` exactly in a training config's data section (type, files, eod id; -1 = the default rule), so the
+    config saved with a run or an export recreates it with `from_data_config`."""
+    spec = tok.spec()
+    d.tokenizer_type, d.tokenizer_model = tok.kind, spec.get("model", "")
+    d.vocab_file, d.merge_file = spec.get("vocab_file", ""), spec.get("merge_file", "")
+    d.eod_id = -1 if spec.get("eod_id") is None else spec["eod_id"]
+
+
 def tokenizer_from_args(args) -> BaseTokenizer:
     return load_tokenizer(args.tokenizer_model, args.tokenizer_type, args.vocab_file, args.merge_file, args.eod_id)
 

@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"chance {r['chance']:.3f}, n={r['n']})")
     for name, rec, best in finetuned:
         print(f"- {name} finetuned on {rec['task']} ({best['mode']}, best validation step {best['step']}): test acc "
-              f"{rec['metrics']['acc']:.3f} ({rec['placement']} placement; majority {rec['majority']:.3f}, n={rec['n']})")
+              f"{rec['metrics']['acc']:.3f} ({rec['placement']} placement; majority {rec['majority']:.3f}, "
+              f"n={rec['n']})")
     return 0
 
 

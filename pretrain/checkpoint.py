@@ -182,12 +182,33 @@ def complete_tags(ckpt_dir: str) -> list[str]:
 def prune(ckpt_dir: str, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    from pretrain.finetune import best_tag
-
     best = best_tag(ckpt_dir)  # the best finetuning checkpoint is kept whatever its age
     for tag in complete_tags(ckpt_dir)[:-keep_last]:
         if tag != best:
             shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+
+
+def mark_best(ckpt_dir: str, tag: str, step: int, scores: dict) -> None:
+    """RUN/checkpoints/best -> the tag (a symlink, replaced atomically) and best.json (step, scores)."""
+    from data_tools.durable import write_durable
+
+    write_durable(os.path.join(ckpt_dir, "best.json"),
+                  json.dumps({"tag": tag, "step": step, **scores}, indent=2) + "\n")
+    tmp = os.path.join(ckpt_dir, f".best.tmp-{os.getpid()}")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(tag, tmp)
+    os.replace(tmp, os.path.join(ckpt_dir, "best"))
+
+
+def best_tag(ckpt_dir: str) -> str | None:
+    p = os.path.join(ckpt_dir, "best.json")
+    if not os.path.isfile(p):
+        return None
+    try:
+        return json.load(open(p)).get("tag")
+    except ValueError:
+        return None
 
 
 def find_resume(ckpt_dir: str, resume: str, log=print, checksums: bool = False) -> str | None:

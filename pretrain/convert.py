@@ -527,7 +527,7 @@ def import_hf(hf_dir: str, out: str, encoder_preset: str = "") -> str:
     from safetensors.torch import load_file
 
     from data_tools.cli import UserError
-    from data_tools.tokenizer import META_FILE, load_from_dir, load_tokenizer
+    from data_tools.tokenizer import META_FILE, load_from_dir, load_tokenizer, write_to_data_config
     from pretrain.config import PRESETS, ModelConfig, TrainConfig
 
     cfg_path = os.path.join(hf_dir, "config.json")
@@ -558,11 +558,7 @@ def import_hf(hf_dir: str, out: str, encoder_preset: str = "") -> str:
                                     decoder=dec, tie_embeddings=bool(hc.get("tie_word_embeddings", False)),
                                     encoder=base.encoder if encoder_preset else None)
     cfg = TrainConfig(model=model_cfg)
-    spec = tok.spec()
-    cfg.data.tokenizer_type = tok.kind
-    cfg.data.tokenizer_model = spec.get("model", "")
-    cfg.data.vocab_file, cfg.data.merge_file = spec.get("vocab_file", ""), spec.get("merge_file", "")
-    cfg.data.eod_id = -1 if spec.get("eod_id") is None else spec["eod_id"]
+    write_to_data_config(tok, cfg.data)
     hf = {}
     for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
         hf.update(load_file(f))

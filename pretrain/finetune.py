@@ -26,7 +26,6 @@ finetuning types (which parameters train), validation accuracy and the best chec
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -221,29 +220,6 @@ class Validation:
         return out
 
 
-def mark_best(ckpt_dir: str, tag: str, step: int, scores: dict) -> None:
-    """RUN/checkpoints/best -> the tag (a symlink, replaced atomically) and best.json (step, scores)."""
-    from data_tools.durable import write_durable
-
-    write_durable(os.path.join(ckpt_dir, "best.json"),
-                  json.dumps({"tag": tag, "step": step, **scores}, indent=2) + "\n")
-    tmp = os.path.join(ckpt_dir, f".best.tmp-{os.getpid()}")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    os.symlink(tag, tmp)
-    os.replace(tmp, os.path.join(ckpt_dir, "best"))
-
-
-def best_tag(ckpt_dir: str) -> str | None:
-    p = os.path.join(ckpt_dir, "best.json")
-    if not os.path.isfile(p):
-        return None
-    try:
-        return json.load(open(p)).get("tag")
-    except ValueError:
-        return None
-
-
 # ---------------------------------------------------------------- the trainer's hooks (pretrain/train.py)
 def validate_config(cfg, pipeline: bool) -> None:
     """Finetuning settings that need the files: tasks known and fetched, mode and placement fit the model."""
@@ -288,19 +264,13 @@ def settings_from_init(cfg) -> None:
         setattr(cfg.model, k, v)
     if cfg.data.tokenizer_model or cfg.data.vocab_file:
         return
-    spec = None
     if os.path.isfile(os.path.join(init, "metalm.json")):  # a consolidated dir carries its tokenizer files
-        from data_tools.tokenizer import load_from_dir
+        from data_tools.tokenizer import load_from_dir, write_to_data_config
 
-        spec = load_from_dir(init).spec()
-    d = cfg.data
-    if spec is None:
-        for k in ("tokenizer_model", "tokenizer_type", "vocab_file", "merge_file", "eod_id"):
-            setattr(d, k, getattr(src.data, k, getattr(d, k)))
+        write_to_data_config(load_from_dir(init), cfg.data)
         return
-    d.tokenizer_type, d.tokenizer_model = spec["type"], spec.get("model", "")
-    d.vocab_file, d.merge_file = spec.get("vocab_file", ""), spec.get("merge_file", "")
-    d.eod_id = -1 if spec.get("eod_id") is None else spec["eod_id"]
+    for k in ("tokenizer_model", "tokenizer_type", "vocab_file", "merge_file", "eod_id"):
+        setattr(cfg.data, k, getattr(src.data, k, getattr(cfg.data, k)))
 
 
 def prepare(cfg, model, rows: TaskRows, tok) -> tuple[Validation, str]:
@@ -320,7 +290,7 @@ def keep_best(run, save) -> bool:
     checkpoints/best. Returns whether it saved."""
     import torch.distributed as dist
 
-    from pretrain.checkpoint import tag_for
+    from pretrain.checkpoint import mark_best, tag_for
 
     shard = run.engine.zero_optimization_stage() != 3
     scores = run.finetune.run(run.engine.module, shard)

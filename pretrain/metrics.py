@@ -113,15 +113,19 @@ class Reporter:
             line += f" | semi-causal objective {metrics['valid_sclm_loss']:.4f}"
         self.log(line)
 
-    def downstream(self, step: int, metrics: dict) -> None:
-        """metrics: down/TASK/PLACEMENT/Kshot/acc|acc_norm -> value (in-loop zero/few-shot scoring)."""
-        if not self.enabled or not metrics:
-            return
+    def _scalars(self, step: int, metrics: dict) -> None:
+        """One metrics.jsonl record and a TensorBoard scalar per key."""
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
+
+    def downstream(self, step: int, metrics: dict) -> None:
+        """metrics: down/TASK/PLACEMENT/Kshot/acc|acc_norm -> value (in-loop zero/few-shot scoring)."""
+        if not self.enabled or not metrics:
+            return
+        self._scalars(step, metrics)
         parts = [f"{k[len('down/'):-len('/acc')]} {v:.3f}" for k, v in metrics.items() if k.endswith("/acc")]
         self.log(f"step {step:6d} | downstream acc | " + " | ".join(parts))
 
@@ -129,11 +133,7 @@ class Reporter:
         """metrics: ft/TASK/acc|acc_norm|acc_mutual_info and ft/mean_acc (validation accuracy while finetuning)."""
         if not self.enabled or not metrics:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
+        self._scalars(step, metrics)
         parts = [f"{k[len('ft/'):-len('/acc')]} {v:.3f}" for k, v in metrics.items()
                  if k.endswith("/acc") and k != "ft/mean_acc"]
         self.log(f"step {step:6d} | validation accuracy | " + " | ".join(parts)

@@ -107,11 +107,12 @@ def validate(cfg: TrainConfig, world: int) -> None:
 def resolve_tokenizer(cfg: TrainConfig):
     """The run's tokenizer: the one `data.tokenizer_*` names, else the one preprocessing recorded beside the first
     dataset (PREFIX.tokenizer.json). A dataset recorded with another tokenizer (other vocabulary size, or other
-    end-of-document / eos / bos id) is refused. The resolved type, files and eod id are written back into cfg.data, so the config saved with
-    the run and its checkpoints names the tokenizer exactly."""
+    end-of-document / eos / bos id) is refused. The resolved type, files and eod id are written back into
+    cfg.data, so the config saved with the run and its checkpoints names the tokenizer exactly."""
     from data_tools.cli import UserError
     from data_tools.datasets import parse_blend
-    from data_tools.tokenizer import dataset_tokenizer_spec, from_data_config, load_tokenizer_spec
+    from data_tools.tokenizer import (dataset_tokenizer_spec, from_data_config, load_tokenizer_spec,
+                                      write_to_data_config)
 
     d = cfg.data
     prefixes, _ = parse_blend(d.data_path) if d.data_path else ([], None)
@@ -135,11 +136,7 @@ def resolve_tokenizer(cfg: TrainConfig):
             raise ConfigError(f"dataset {prefix} was made with another tokenizer ({spec.get('type')} "
                               f"{spec.get('model') or spec.get('vocab_file')}) than the configured one "
                               f"({tok.describe()}): {', '.join(diff)}")
-    spec = tok.spec()
-    d.tokenizer_type = tok.kind
-    d.tokenizer_model = spec.get("model", "")
-    d.vocab_file, d.merge_file = spec.get("vocab_file", ""), spec.get("merge_file", "")
-    d.eod_id = -1 if spec.get("eod_id") is None else spec["eod_id"]
+    write_to_data_config(tok, d)
     return tok
 
 

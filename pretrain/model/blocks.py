@@ -4,7 +4,8 @@ Choices: pre-norm RMSNorm; rotary positions (Llama's rotate-half convention, so 
 they are; Llama's `linear` and `llama3` frequency scaling); SwiGLU MLP; no biases. Attention: fused QKV
 `ColumnParallelLinear` with the output laid out per key/value group as (kv_head, {q_1..q_g, k, v}, head_dim) —
 Megatron's grouped-query layout; with kv_heads == heads it is (head, {q,k,v}, head_dim) — so a contiguous
-tensor-parallel split gives each rank whole groups; output projection `RowParallelLinear`. MLP: gate and up `ColumnParallelLinear`, down `RowParallelLinear`. Layers run batch-first
+tensor-parallel split gives each rank whole groups; output projection `RowParallelLinear`. MLP: gate and up
+`ColumnParallelLinear`, down `RowParallelLinear`. Layers run batch-first
 ([B, L, d]): without sequence parallelism megatron's layers only act on the last dimension.
 Weights are initialised on CPU at full size and then split (megatron's `use_cpu_initialization`), so TP=1 and
 TP=2 start from the same full weights for the same seed. The same code runs at TP=1.
