@@ -56,6 +56,8 @@ class Record:
     caption: str
     label: int = -1
     split: str = ""  # "" = assigned by the seeded permutation
+    width: int = 0  # set by write_dataset once the image has decoded
+    height: int = 0
 
 
 @dataclass
@@ -236,18 +238,17 @@ def write_dataset(name: str, records: Iterator[Record], out_dir: str, meta: dict
         except ValueError as e:
             skipped.setdefault("undecodable image", []).append(f"{rec.id} ({e})")
             continue
-        rec.image = png
-        good.append((rec, w, h))
+        rec.image, rec.width, rec.height = png, w, h
+        good.append(rec)
     if not good:
         raise UserError(f"{name}: no decodable images (skipped: {', '.join(skipped)})")
-    sizes = {id(r): (w, h) for r, w, h in good}
-    splits = assign_splits([r for r, _, _ in good])
+    splits = assign_splits(good)
     counts = {}
     for split in SPLITS:
         items = splits[split]
         counts[split] = len(items)
         for k in range(0, len(items), shard_size):
-            rows = [{"id": r.id, "image": r.image, "width": sizes[id(r)][0], "height": sizes[id(r)][1],
+            rows = [{"id": r.id, "image": r.image, "width": r.width, "height": r.height,
                      "caption": r.caption, "label": r.label, "source": name, "licence": meta["licence"]}
                     for r in items[k:k + shard_size]]
             write_shard(os.path.join(dest, f"{split}-{k // shard_size:05d}.parquet"), rows)
