@@ -177,6 +177,27 @@ def build_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | None]
     return [None if d is None else SemiCausalDataset(d, scfg) for d in build_gpt_datasets(cfg, tokenizer, num_samples)]
 
 
+def blend_order(sizes: Sequence[int], weights: Sequence[float], n: int, seed: int) -> list[tuple[int, int]]:
+    """The first n (source, item) draws: sources by Megatron's blending rule (largest weight·(slot+1) − count, as
+    megatron-core's `build_blending_indices`), items of a source in a seeded permutation per epoch of that source.
+    Written out because megatron-core's helper returns only the source and its sample counter, not a shuffled item
+    of a source that is not a GPT dataset."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    counts = np.zeros(len(sizes), dtype=np.int64)
+    perms: dict[tuple[int, int], np.ndarray] = {}
+    out = []
+    for slot in range(n):
+        t = int(np.argmax(w * (slot + 1) - counts))
+        epoch, pos = divmod(int(counts[t]), sizes[t])
+        key = (t, epoch)
+        if key not in perms:
+            perms[key] = np.random.default_rng([seed, t, epoch]).permutation(sizes[t])
+        out.append((t, int(perms[key][pos])))
+        counts[t] += 1
+    return out
+
+
 class MicroBatches:
     """Micro-batches for one data-parallel rank, in Megatron's order, resumable from `consumed_samples`.
 
@@ -186,21 +207,46 @@ class MicroBatches:
     """
 
     def __init__(self, dataset: SemiCausalDataset, micro_batch: int, consumed_samples: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, workers: int = 0):
         step = micro_batch * dp_size
         if consumed_samples % step:
             raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of micro_batch*dp_size {step}")
         self.dataset, self.micro_batch, self.dp_rank, self.dp_size = dataset, micro_batch, dp_rank, dp_size
         self.consumed_samples = consumed_samples
+        self.workers = workers
+
+    def batch(self, j: int) -> dict:
+        """This rank's j-th micro-batch (global micro-step j), collated by the dataset's own rule if it has one."""
+        first = j * self.micro_batch * self.dp_size + self.dp_rank * self.micro_batch
+        samples = [self.dataset[i] for i in range(first, first + self.micro_batch)]
+        return getattr(self.dataset, "collate", collate)(samples)
 
     def __iter__(self) -> Iterator[dict]:
-        n = len(self.dataset)
         step = self.micro_batch * self.dp_size
-        while self.consumed_samples + step <= n:
-            first = self.consumed_samples + self.dp_rank * self.micro_batch
-            samples = [self.dataset[i] for i in range(first, first + self.micro_batch)]
+        start, stop = self.consumed_samples // step, len(self.dataset) // step
+        if self.workers:  # decoding images in DataLoader workers; each micro-batch is a function of its index
+            import torch
+
+            it = torch.utils.data.DataLoader(_Indexed(self), sampler=range(start, stop), batch_size=None,
+                                             num_workers=self.workers, prefetch_factor=4, persistent_workers=False)
+        else:
+            it = (self.batch(j) for j in range(start, stop))
+        for batch in it:
             self.consumed_samples += step
-            yield collate(samples)
+            yield batch
+
+
+class _Indexed:
+    """Map-style view of MicroBatches for torch's DataLoader: item j = micro-batch j."""
+
+    def __init__(self, mb: "MicroBatches"):
+        self.mb = mb
+
+    def __len__(self) -> int:
+        return len(self.mb.dataset) // (self.mb.micro_batch * self.mb.dp_size)
+
+    def __getitem__(self, j: int) -> dict:
+        return self.mb.batch(j)
 
 
 def describe_sample(sample: dict, tokenizer, max_chars: int = 160) -> str:

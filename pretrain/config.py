@@ -69,6 +69,9 @@ class VisionConfig:
     image_size: int = 224
     patch_size: int = 16
     channels: int = 3
+    # paper variant (METHOD.md §4): the encoder also reads up to this many caption-prefix tokens, bidirectionally
+    # with the patches; their outputs dock into the prefix's decoder positions (0 = images only)
+    caption_prefix: int = 0
 
     @property
     def patches(self) -> int:
@@ -87,6 +90,7 @@ class ModelConfig:
     resampler_queries: int = 64  # image slots per image with the resampler connector
     tie_embeddings: bool = True
     freeze_encoder_layers: int = 0  # frozen prefix of the text encoder (embedding included when > 0)
+    freeze_vision: bool = False  # the vision encoder is not trained (the usual setting for a pretrained one)
     document_mask: bool = False  # decoder attention stays inside each packed document
     attention_backend: str = "auto"  # auto | flex | sdpa | flex_eager
     activation_checkpointing: bool = False
@@ -98,6 +102,9 @@ class ModelConfig:
                              f"got {self.connector!r}")
         if self.vision_connector not in ("linear", "mlp", "resampler"):
             raise ValueError(f"vision_connector must be linear, mlp or resampler, got {self.vision_connector!r}")
+        if self.vision is not None and self.vision.caption_prefix and self.vision_connector == "resampler":
+            raise ValueError("vision.caption_prefix needs a per-position vision connector (linear or mlp): the "
+                             "prefix tokens' outputs dock one per token")
         if self.encoder is not None and not 0 <= self.freeze_encoder_layers <= self.encoder.layers:
             raise ValueError(f"freeze_encoder_layers {self.freeze_encoder_layers} not in 0..{self.encoder.layers}")
 
@@ -133,7 +140,8 @@ class ModelConfig:
             v = self.vision
             dv = v.stack.hidden
             out["vision"] = (v.channels * v.patch_size ** 2 * dv + dv + v.patches * dv
-                             + v.stack.layers * v.stack.block_params() + dv)
+                             + v.stack.layers * v.stack.block_params() + dv
+                             + ((V + v.caption_prefix) * dv if v.caption_prefix else 0))
             out["vision_connector"] = connector_params(self.vision_connector, dv, dd, self.resampler_queries)
         out["total"] = sum(out.values())
         return out
@@ -272,6 +280,14 @@ class DataSection:
     max_spans: int = 0  # 0: no cap (pretrain/objective.py SpanConfig)
     reset_position_ids: bool = False
     cache_dir: str = ""
+    # vision-language (data_tools/image_text.py): image-text directories from `data_tools.images fetch`, as
+    # [dir, ...] (weights = sizes) or [w1, dir1, w2, dir2, ...]; image_fraction = share of every micro-batch's rows
+    # that are image-text (rounded to whole rows, at least 1; 1.0 = images only); image_task caption | vqa
+    image_path: list = field(default_factory=list)
+    image_fraction: float = 0.5
+    images_per_sample: int = 1
+    image_task: str = "caption"
+    workers: int = 0  # DataLoader worker processes building micro-batches (0: in the training process)
 
 
 @dataclass

@@ -30,6 +30,8 @@ import os
 
 import numpy as np
 
+from data_tools.datasets import blend_order
+
 MODES = ("auto", "encoder", "full", "decoder")
 
 
@@ -86,25 +88,6 @@ def example_sequences(task, items: list[dict], tok, placement: str, T: int, enc_
     for it in items:
         seqs = build_sequences(task, it, [], placement, tok, T, enc_limit)
         out.append(seqs[it["label"]])
-    return out
-
-
-def blend_order(sizes: list[int], weights: list[float], n: int, seed: int) -> list[tuple[int, int]]:
-    """The first n (task, item) draws: tasks by Megatron's blending rule (largest weight·(slot+1) − count), items of
-    a task in a seeded permutation per epoch of that task."""
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    counts = np.zeros(len(sizes), dtype=np.int64)
-    perms: dict[tuple[int, int], np.ndarray] = {}
-    out = []
-    for slot in range(n):
-        t = int(np.argmax(w * (slot + 1) - counts))
-        epoch, pos = divmod(int(counts[t]), sizes[t])
-        key = (t, epoch)
-        if key not in perms:
-            perms[key] = np.random.default_rng([seed, t, epoch]).permutation(sizes[t])
-        out.append((t, int(perms[key][pos])))
-        counts[t] += 1
     return out
 
 

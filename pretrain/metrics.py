@@ -98,7 +98,8 @@ class Reporter:
                      f"tokens {self.tokens / 1e6:.2f}M | elapsed {_hms(elapsed)} | eta {_hms(eta)}")
 
     def valid(self, step: int, metrics: dict) -> None:
-        """metrics: valid_loss / valid_ppl (causal-LM view) and, for semi-causal runs, valid_sclm_loss / _ppl."""
+        """metrics: valid_loss / valid_ppl (causal-LM view) and, for semi-causal runs, valid_sclm_loss / _ppl;
+        vision-language runs add valid_image_loss / _ppl (captions of the image validation split)."""
         if not self.enabled:
             return
         metrics = {k: v for k, v in metrics.items() if k.startswith("valid")}
@@ -108,9 +109,13 @@ class Reporter:
             for k, v in metrics.items():
                 self.tb.add_scalar(k.replace("valid_", "valid/", 1), v, step)
         self.last_valid = dict(metrics, step=step)
-        line = f"step {step:6d} | validation loss {metrics['valid_loss']:.4f} | perplexity {metrics['valid_ppl']:.2f}"
+        line = f"step {step:6d} | validation"
+        if "valid_loss" in metrics:
+            line += f" loss {metrics['valid_loss']:.4f} | perplexity {metrics['valid_ppl']:.2f}"
         if "valid_sclm_loss" in metrics:
             line += f" | semi-causal objective {metrics['valid_sclm_loss']:.4f}"
+        if "valid_image_loss" in metrics:
+            line += f" | caption loss {metrics['valid_image_loss']:.4f} (ppl {metrics['valid_image_ppl']:.2f})"
         self.log(line)
 
     def _scalars(self, step: int, metrics: dict) -> None:

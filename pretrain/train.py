@@ -62,8 +62,16 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"run_dir={cfg.run_dir}: not writable")
     if p.pp > m.decoder.layers:
         raise ConfigError(f"parallel.pp={p.pp} exceeds model.decoder.layers={m.decoder.layers}")
-    if uses_pipeline(cfg) and (m.vision is not None or not m.tie_embeddings):
-        raise ConfigError("parallel.pp>1 needs a text model with tied embeddings (vision: use pp=1)")
+    if uses_pipeline(cfg) and not m.tie_embeddings:
+        raise ConfigError("parallel.pp>1 needs a model with tied embeddings (model.tie_embeddings=true)")
+    if m.vision is not None and not cfg.data.image_path and not cfg.finetune.tasks:
+        raise ConfigError("model.vision is set but data.image_path is empty: a vision-language model trains on "
+                          "image-text data (python -m data_tools.images fetch ...)")
+    if cfg.data.image_path and m.vision is None:
+        raise ConfigError("data.image_path is set but the model has no vision encoder (model.preset=tiny-vl, or "
+                          "model.vision=...)")
+    if cfg.data.image_path and not 0 < cfg.data.image_fraction <= 1:
+        raise ConfigError(f"data.image_fraction={cfg.data.image_fraction}: expected a share in (0, 1]")
     if world % (p.tp * p.pp):
         raise ConfigError(f"parallel: world size {world} is not divisible by tp*pp = {p.tp * p.pp}")
     stacks = [("model.decoder", m.decoder)] + ([("model.encoder", m.encoder)] if m.encoder else [])
@@ -161,6 +169,16 @@ def absolute_paths(cfg: TrainConfig) -> None:
         cfg.checkpoint.init_from = os.path.abspath(cfg.checkpoint.init_from)
     if cfg.logging.downstream_tasks:
         cfg.logging.downstream_data = os.path.abspath(cfg.logging.downstream_data)
+    if cfg.data.image_path:
+        from data_tools.image_text import parse_image_path
+
+        dirs, weights = parse_image_path(cfg.data.image_path)
+        for d in dirs:
+            if not os.path.isfile(os.path.join(d, "meta.json")):
+                raise ConfigError(f"data.image_path: {d} is not a fetched image dataset (no meta.json; "
+                                  "python -m data_tools.images fetch --name NAME --out DIR)")
+        cfg.data.image_path = [os.path.abspath(d) for d in dirs] if not weights else [
+            x for w, d in zip(weights, dirs) for x in (w, os.path.abspath(d))]
     cfg.run_dir = os.path.abspath(cfg.run_dir)
 
 
@@ -191,12 +209,49 @@ def build_data(cfg: TrainConfig, tokenizer, dp_size: int):
         return build_task_rows(cfg, tokenizer, n_train, placement), {}
     n_evals = cfg.schedule.train_steps // max(1, cfg.logging.eval_interval) + 2
     n_valid = cfg.logging.eval_iters * cfg.parallel.micro_batch * dp_size if cfg.logging.eval_iters else 0
+    if d.image_path:
+        return build_vl_data(cfg, tokenizer, n_train, n_valid if n_evals else 0)
     dcfg = DataConfig(data_path=d.data_path, split=d.split, seq_length=d.seq_length, seed=cfg.seed,
                       mode=data_mode(cfg), span_length=d.span_length, span_coverage=d.span_coverage,
                       max_spans=d.max_spans, reset_position_ids=d.reset_position_ids,
                       cache_dir=d.cache_dir or None)
     train_ds, valid_ds, _ = build_datasets(dcfg, tokenizer, [n_train, n_valid if n_evals else 0, 0])
     return train_ds, valid_sets(valid_ds)
+
+
+def build_vl_data(cfg: TrainConfig, tokenizer, n_train: int, n_valid: int):
+    """The image-text / text mixture (data_tools/image_text.py) and its validation sets: `valid` (text, causal
+    view) and `valid_sclm` as for text runs, `valid_image` (the caption loss on the image datasets' validation
+    split)."""
+    from data_tools.datasets import DataConfig, build_datasets
+    from data_tools.image_text import ImageSampleConfig, ImageTextDataset, MixedRows, image_rows, parse_image_path
+
+    d, m, mb = cfg.data, cfg.model, cfg.parallel.micro_batch
+    k = image_rows(d.image_fraction, mb)
+    icfg = ImageSampleConfig(seq_length=d.seq_length, image_size=m.vision.image_size, slots=m.image_slots(),
+                             patches=m.vision.patches, seed=cfg.seed, task=d.image_task,
+                             images_per_sample=d.images_per_sample, caption_prefix=m.vision.caption_prefix)
+    dirs, weights = parse_image_path(d.image_path)
+    n_img = n_train // mb * k
+    images = ImageTextDataset(dirs, weights, "train", icfg, tokenizer, n_img)
+    text, valid = None, {}
+    if k < mb:
+        if not d.data_path:
+            raise ConfigError(f"data.image_fraction={d.image_fraction} leaves {mb - k} text row(s) per micro-batch "
+                              "but data.data_path is empty (image_fraction=1.0 trains on images only)")
+        dcfg = DataConfig(data_path=d.data_path, split=d.split, seq_length=d.seq_length, seed=cfg.seed,
+                          mode=data_mode(cfg), span_length=d.span_length, span_coverage=d.span_coverage,
+                          max_spans=d.max_spans, reset_position_ids=d.reset_position_ids,
+                          cache_dir=d.cache_dir or None)
+        n_text = n_train // mb * (mb - k)
+        text, valid_ds, _ = build_datasets(dcfg, tokenizer, [n_text, n_valid, 0])
+        valid = valid_sets(valid_ds)
+    if n_valid:
+        valid["valid_image"] = ImageTextDataset(dirs, weights, "validation", icfg, tokenizer, n_valid)
+    if dist.get_rank() == 0:
+        print(f"data: {k} image-text row(s) + {mb - k} text row(s) per micro-batch (data.image_fraction="
+              f"{d.image_fraction} -> {k / mb:.3f}); image sources {', '.join(os.path.basename(x) for x in dirs)}")
+    return MixedRows(images, text, mb, k), valid
 
 
 def valid_sets(valid_ds) -> dict:
@@ -513,7 +568,7 @@ def setup(cfg: TrainConfig) -> Run:
         rep.log(ft_msg)
     # The global sample order is fixed; this rank reads its slice of each global micro-step.
     batches = iter(MicroBatches(train_ds, cfg.parallel.micro_batch, state.consumed_samples,
-                                parallel_state.get_data_parallel_rank(), dp))
+                                parallel_state.get_data_parallel_rank(), dp, workers=cfg.data.workers))
     if uses_pipeline(cfg):
         from pretrain.pipeline import pipeline_batches
 

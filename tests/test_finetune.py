@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data_tools.task_samples import Sequence
-from pretrain.finetune import TaskRows, apply_mode, blend_order
+from data_tools.datasets import blend_order
+from pretrain.finetune import TaskRows, apply_mode
 from pretrain.objective import collate
 from test_train import final_weights, launch, losses
 

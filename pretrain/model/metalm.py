@@ -4,7 +4,10 @@
   through the bidirectional `TextEncoder` (block-diagonal mask) and the connector; `dock_src`/`dock_dst` put each
   span token's feature in its own decoder input slot (one slot per token, length unchanged).
 - Vision: `images` [M,3,H,W] through the `VisionEncoder` and the vision connector; `image_dst` [M*S] gives the
-  decoder slots of the S image slots of each image, in order.
+  decoder slots of the S image slots of each image, in order. With `vision.caption_prefix` Lp (paper variant) the
+  batch also has `image_text` [M, Lp] and `image_segments` [M, P+Lp], and `image_dst` [M*(P+Lp)] also places each
+  prefix token's output on its decoder position (padding: the scratch slot B*T). A frozen vision encoder
+  (`freeze_vision`) runs without autograd; its connector still trains.
 - Decoder: causal over the whole sequence (optionally also document-masked, from `document_ids`).
 - Loss: mean over the batch's counted targets of megatron-core's vocab-parallel cross entropy; which targets count
   is the batch's `loss_mask` (METHOD.md §1: positions s..e-2 of each span excluded, built by the loader).
@@ -35,7 +38,9 @@ class MetaLM(nn.Module):
         self.encoder = TextEncoder(cfg) if cfg.encoder is not None else None
         self.connector = (build_connector(cfg.connector, cfg.encoder.hidden, cfg.decoder.hidden)
                           if cfg.encoder is not None else None)
-        self.vision = VisionEncoder(cfg.vision, cfg.init_std) if cfg.vision is not None else None
+        self.vision = VisionEncoder(cfg.vision, cfg.init_std, cfg.vocab_size) if cfg.vision is not None else None
+        if self.vision is not None and cfg.freeze_vision:
+            self.vision.requires_grad_(False)
         self.vision_connector = (build_connector(cfg.vision_connector, cfg.vision.stack.hidden, cfg.decoder.hidden,
                                                  cfg.resampler_queries, cfg.decoder.heads)
                                  if cfg.vision is not None else None)
@@ -47,12 +52,9 @@ class MetaLM(nn.Module):
         h = self.encoder(batch["enc_tokens"], batch["enc_positions"], mask)
         return self.connector(h).flatten(0, 1)
 
-    def encode_images(self, images) -> torch.Tensor:
-        M = images.shape[0]
-        P = self.cfg.vision.patches
-        mask = AttentionMask.build(masks.full, M, P, None, images.device, self.cfg.attention_backend)
-        images = images.to(self.vision.patch.weight.dtype)
-        return self.vision_connector(self.vision(images, mask)).flatten(0, 1)  # [M*S, d_dec]
+    def encode_images(self, images, text=None, segments=None) -> torch.Tensor:
+        """Connector output for every image slot (and caption-prefix position), flat [M*(S or P+Lp), d_dec]."""
+        return encode_images(self.cfg, self.vision, self.vision_connector, images, text, segments)
 
     def embed_and_dock(self, batch) -> torch.Tensor:
         x = self.decoder.embed(batch["tokens"])
@@ -60,7 +62,8 @@ class MetaLM(nn.Module):
             feats = self.encode_spans(batch)
             x = dock(x, feats.index_select(0, batch["dock_src"]), batch["dock_dst"])
         if self.vision is not None and "images" in batch and batch["images"].shape[0] > 0:
-            x = dock(x, self.encode_images(batch["images"]), batch["image_dst"])
+            feats = self.encode_images(batch["images"], batch.get("image_text"), batch.get("image_segments"))
+            x = dock(x, feats, batch["image_dst"])
         return x
 
     def logits(self, batch, mask: AttentionMask | None = None, select_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,6 +78,21 @@ class MetaLM(nn.Module):
         losses = token_losses(self.logits(batch), batch["labels"])
         mask = batch["loss_mask"].float()
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def encode_images(cfg: ModelConfig, vision, connector, images, text=None, segments=None) -> torch.Tensor:
+    """Vision encoder + connector (shared with pretrain/pipeline.py); flat [M*(S or P+Lp), d_dec]."""
+    M = images.shape[0]
+    if cfg.vision.caption_prefix and text is not None:
+        mm = masks.block_diagonal(segments)
+        L = segments.shape[1]
+    else:
+        mm, L, text = masks.full, cfg.vision.patches, None
+    mask = AttentionMask.build(mm, M, L, None, images.device, cfg.attention_backend)
+    images = images.to(vision.patch.weight.dtype)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.freeze_vision):
+        feats = vision(images, mask, text)
+    return connector(feats).flatten(0, 1)
 
 
 # ---- masks: built once per forward, shared by every layer of a stack (also by pretrain/pipeline.py) ----
