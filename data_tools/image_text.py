@@ -5,7 +5,7 @@ with text documents that vision-language pretraining trains on.
   source in a seeded permutation per epoch of it), decodes and normalises its image(s) with Pillow
   (`vl_samples.load_image`) and builds `<s> <image> [slots] </image> caption </s>` (`vl_samples.build_vl_row`).
   `task="vqa"` builds `question: what is this? answer: <class name>` with only the answer counted (finetuned
-  classification); `images_per_sample` k > 1 interleaves k image-caption pairs in one row. With the model's
+  classification, or VQA-format supervision on some sources; `task` may list one task per source); `images_per_sample` k > 1 interleaves k image-caption pairs in one row. With the model's
   `vision.caption_prefix` Lp > 0 (the paper's variant) a random-length prefix of each caption (0..min(Lp, n-1)
   tokens) is also read by the vision encoder, bidirectionally with the patches. Everything random in a sample comes
   from `np.random.default_rng([seed, i])`: a sample is a function of (seed, index), whichever worker builds it.
@@ -42,13 +42,15 @@ class ImageSampleConfig:
     slots: int  # decoder slots per image
     patches: int  # vision encoder positions per image (= slots unless a resampler)
     seed: int = 1234
-    task: str = "caption"  # caption | vqa
+    task: str | tuple = "caption"  # caption | vqa, or one per source (in data.image_path's order)
     images_per_sample: int = 1
     caption_prefix: int = 0  # the model's vision.caption_prefix (0: off)
 
     def __post_init__(self):
-        if self.task not in ("caption", "vqa"):
-            raise ValueError(f"data.image_task: expected caption or vqa, got {self.task!r}")
+        for t in ([self.task] if isinstance(self.task, str) else self.task):
+            if t not in ("caption", "vqa"):
+                raise ValueError(f"data.image_task: expected caption or vqa (or a list of them, one per source), "
+                                 f"got {t!r}")
         if self.images_per_sample < 1:
             raise ValueError(f"data.images_per_sample={self.images_per_sample}: must be at least 1")
 
@@ -108,14 +110,18 @@ class ImageTextDataset:
         self.tok = tokenizer
         self.order = blend_order([len(s) for s in self.sources], self.weights, num_samples * cfg.images_per_sample,
                                  cfg.seed)
-        self.prompt = tokenizer.encode(VQA_PROMPT) if cfg.task == "vqa" else []
+        tasks = [cfg.task] * len(paths) if isinstance(cfg.task, str) else list(cfg.task)
+        if len(tasks) != len(paths):
+            raise ValueError(f"data.image_task lists {len(tasks)} tasks for {len(paths)} image sources")
+        self.tasks = tasks
+        self.prompt = tokenizer.encode(VQA_PROMPT)
 
     def __len__(self) -> int:
         return len(self.order) // self.cfg.images_per_sample
 
-    def pair(self, src: ImageSource, row: int, rng) -> Pair:
-        c = self.cfg
-        if c.task == "vqa":
+    def pair(self, s: int, row: int, rng) -> Pair:
+        c, src = self.cfg, self.sources[s]
+        if self.tasks[s] == "vqa":
             answer = self.tok.encode(" " + src.answer(row))
             return Pair(self.prompt + answer, counted_from=len(self.prompt))
         ids = self.tok.encode(src.captions[row])
@@ -126,18 +132,20 @@ class ImageTextDataset:
         c = self.cfg
         rng = np.random.default_rng([c.seed, i])
         draws = self.order[i * c.images_per_sample:(i + 1) * c.images_per_sample]
-        pairs = [self.pair(self.sources[s], r, rng) for s, r in draws]
+        pairs = [self.pair(s, r, rng) for s, r in draws]
         budget = c.seq_length + 1 - 2 - len(pairs) * (c.slots + 2)  # <s>, </s>, markers and slots
         over = sum(len(p.caption) for p in pairs) - budget
         if over > 0:  # long captions are cut at the end (the last pair's first); the task's answer is never cut
-            if c.task == "vqa":
-                raise ValueError(f"data.seq_length={c.seq_length} is too short for {len(pairs)} VQA pair(s)")
             for j in reversed(range(len(pairs))):
-                cut = min(over, len(pairs[j].caption) - 1)
+                cut = min(over, len(pairs[j].caption) - 1, len(pairs[j].caption) - pairs[j].counted_from - 1
+                          if pairs[j].counted_from else len(pairs[j].caption) - 1)
                 if cut > 0:
                     keep = len(pairs[j].caption) - cut
                     pairs[j] = Pair(pairs[j].caption[:keep], pairs[j].counted_from, min(pairs[j].prefix, keep - 1))
                     over -= cut
+            if over > 0:
+                raise ValueError(f"data.seq_length={c.seq_length} is too short for {len(pairs)} image(s) of "
+                                 f"{c.slots} slots and their text")
         sample = build_vl_row(pairs, c.slots, c.seq_length, self.ids, c.caption_prefix, c.patches)
         sample["images"] = np.stack([load_image(self.sources[s].images[r], c.image_size) for s, r in draws])
         return sample

@@ -126,30 +126,31 @@ def collate_vl(samples: list[dict], images: list[np.ndarray] | None = None):
     """Stack samples into the batch contract. Image rows carry `image_dst` (and their decoded `images` [k, 3, H, W]
     unless `images` lists every sample's images in order); `image_dst` is flattened over the batch (row b's
     positions + b*T; padding entries -> the scratch slot B*T), in the order of the stacked `images`. Rows without
-    images (text rows of a mixed micro-batch) may carry the text encoder's fields; missing ones are filled empty."""
+    images (text rows of a mixed micro-batch) may carry the text encoder's fields; missing ones are filled empty
+    (every batch has the contract's encoder keys, Te = 0 when no row has spans)."""
     import torch
 
     B = len(samples)
     T = len(samples[0]["tokens"])
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
              for k in ("tokens", "labels", "loss_mask", "position_ids", "document_ids")}
-    if any("enc_tokens" in s for s in samples):  # text rows of a semi-causal model: their encoder row and docking
-        Te = max(len(s.get("enc_tokens", ())) for s in samples)
-        enc = {k: [] for k in ("enc_tokens", "enc_positions", "enc_segments")}
-        dst = np.full((B, Te), B * T, dtype=np.int64)
-        for b, s in enumerate(samples):
-            if "enc_tokens" in s:
-                enc["enc_tokens"].append(s["enc_tokens"])
-                enc["enc_positions"].append(s["enc_positions"])
-                enc["enc_segments"].append(s["enc_segments"])
-                dst[b] = np.where(s["dock_dst"] >= 0, s["dock_dst"] + b * T, B * T)
-            else:
-                enc["enc_tokens"].append(np.zeros(Te, dtype=np.int64))
-                enc["enc_positions"].append(np.zeros(Te, dtype=np.int64))
-                enc["enc_segments"].append(np.full(Te, -1, dtype=np.int32))
-        batch.update({k: torch.from_numpy(np.stack(v)) for k, v in enc.items()})
-        batch["dock_src"] = torch.arange(B * Te, dtype=torch.int64)
-        batch["dock_dst"] = torch.from_numpy(dst.reshape(-1))
+    # text rows of a semi-causal model bring their encoder row and docking; otherwise the row is empty (Te = 0)
+    Te = max(len(s.get("enc_tokens", ())) for s in samples)
+    enc = {k: [] for k in ("enc_tokens", "enc_positions", "enc_segments")}
+    dst = np.full((B, Te), B * T, dtype=np.int64)
+    for b, s in enumerate(samples):
+        if "enc_tokens" in s:
+            enc["enc_tokens"].append(s["enc_tokens"])
+            enc["enc_positions"].append(s["enc_positions"])
+            enc["enc_segments"].append(s["enc_segments"])
+            dst[b] = np.where(s["dock_dst"] >= 0, s["dock_dst"] + b * T, B * T)
+        else:
+            enc["enc_tokens"].append(np.zeros(Te, dtype=np.int64))
+            enc["enc_positions"].append(np.zeros(Te, dtype=np.int64))
+            enc["enc_segments"].append(np.full(Te, -1, dtype=np.int32))
+    batch.update({k: torch.from_numpy(np.stack(v)) for k, v in enc.items()})
+    batch["dock_src"] = torch.arange(B * Te, dtype=torch.int64)
+    batch["dock_dst"] = torch.from_numpy(dst.reshape(-1))
     with_images = [(b, s) for b, s in enumerate(samples) if "image_dst" in s]
     dst = [np.where(s["image_dst"] >= 0, s["image_dst"] + b * T, B * T) for b, s in with_images]
     batch["image_dst"] = torch.from_numpy(np.concatenate(dst) if dst else np.zeros(0, dtype=np.int64))

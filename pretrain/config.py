@@ -282,11 +282,12 @@ class DataSection:
     cache_dir: str = ""
     # vision-language (data_tools/image_text.py): image-text directories from `data_tools.images fetch`, as
     # [dir, ...] (weights = sizes) or [w1, dir1, w2, dir2, ...]; image_fraction = share of every micro-batch's rows
-    # that are image-text (rounded to whole rows, at least 1; 1.0 = images only); image_task caption | vqa
+    # that are image-text (rounded to whole rows, at least 1; 1.0 = images only); image_task caption | vqa (the
+    # answer after "question: what is this? answer:" from the class label), or a list of them, one per source
     image_path: list = field(default_factory=list)
     image_fraction: float = 0.5
     images_per_sample: int = 1
-    image_task: str = "caption"
+    image_task: list = field(default_factory=lambda: ["caption"])  # one task for all sources, or one per source
     workers: int = 0  # DataLoader worker processes building micro-batches (0: in the training process)
 
 

@@ -133,7 +133,7 @@ def pipeline_to_metalm(layer: int, name: str, n_layers: int) -> str | None:
 def metalm_to_pipeline(name: str, n_layers: int) -> tuple[int, str] | None:
     if name.startswith("decoder.embedding."):
         return 0, "word." + name.removeprefix("decoder.embedding.")
-    if name.startswith(("encoder.", "connector.")):
+    if name.startswith(("encoder.", "connector.", "vision.", "vision_connector.")):
         return 1, name
     m = re.match(r"decoder\.stack\.layers\.(\d+)\.(.*)", name)
     if m:

@@ -2,7 +2,7 @@
 
 Stage layout (DeepSpeed's `partition_method="type:BlockPipe"` balances the transformer blocks; what comes before the
 first block stays on stage 0, what follows the last block on the last stage):
-    stage 0:     EmbeddingPipe (tied)  -> EncodeDockPipe (text encoder + connector + docking) -> blocks ...
+    stage 0:     EmbeddingPipe (tied)  -> EncodeDockPipe (text / vision encoders + connectors + docking) -> blocks ...
     ...          BlockPipe ...
     last stage:  ... blocks -> FinalNormPipe -> EmbeddingPipe (tied, as the output layer) -> loss_fn
 Between stages travel `(hidden, position_ids, document_ids)`; each block builds its mask from them (the plain causal
@@ -15,6 +15,8 @@ Legend: B batch, T length, d hidden.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -22,12 +24,20 @@ from pretrain.config import ModelConfig
 from pretrain.model.blocks import Block, RotaryEmbedding, init_normal, mp_config
 from pretrain.model.connector import build_connector
 from pretrain.model.decoder import dock
-from pretrain.model.encoders import TextEncoder
-from pretrain.model.metalm import decoder_mask, encoder_mask
+from pretrain.model.encoders import TextEncoder, VisionEncoder
+from pretrain.model.metalm import decoder_mask, encode_images, encoder_mask
 from pretrain.parallel import import_mcore
 
 INPUT_KEYS = ("tokens", "position_ids", "document_ids", "enc_tokens", "enc_positions", "enc_segments", "dock_src",
               "dock_dst")
+IMAGE_KEYS = ("images", "image_dst")  # vision models: read on stage 0 only, like the text encoder's inputs
+PREFIX_KEYS = ("image_text", "image_segments")  # with vision.caption_prefix
+
+
+def input_keys(cfg: ModelConfig) -> tuple[str, ...]:
+    if cfg.vision is None:
+        return INPUT_KEYS
+    return INPUT_KEYS + IMAGE_KEYS + (PREFIX_KEYS if cfg.vision.caption_prefix else ())
 LABEL_KEYS = ("labels", "loss_mask")
 
 
@@ -51,7 +61,8 @@ def lm_head(module: EmbeddingPipe, h_BTd: torch.Tensor) -> torch.Tensor:
 
 
 class EncodeDockPipe(nn.Module):
-    """Text encoder + connector + docking (stage 0). Without an encoder it only drops the encoder inputs."""
+    """Text encoder + connector, vision encoder + connector, and their docking (stage 0). Without encoders it only
+    drops the encoder inputs."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,13 +70,23 @@ class EncodeDockPipe(nn.Module):
         self.encoder = TextEncoder(cfg) if cfg.encoder is not None else None
         self.connector = (build_connector(cfg.connector, cfg.encoder.hidden, cfg.decoder.hidden)
                           if cfg.encoder is not None else None)
+        self.vision = VisionEncoder(cfg.vision, cfg.init_std, cfg.vocab_size) if cfg.vision is not None else None
+        self.vision_connector = (build_connector(cfg.vision_connector, cfg.vision.stack.hidden, cfg.decoder.hidden,
+                                                 cfg.resampler_queries, cfg.decoder.heads)
+                                 if cfg.vision is not None else None)
+        if self.vision is not None and cfg.freeze_vision:
+            self.vision.requires_grad_(False)
 
     def forward(self, inputs):
-        x, position_ids, document_ids, enc_tokens, enc_positions, enc_segments, dock_src, dock_dst = inputs
+        x, position_ids, document_ids, enc_tokens, enc_positions, enc_segments, dock_src, dock_dst = inputs[:8]
         if self.encoder is not None and enc_tokens.shape[1] > 0:
             mask = encoder_mask(self.cfg, enc_segments)
             feats = self.connector(self.encoder(enc_tokens, enc_positions, mask)).flatten(0, 1)
             x = dock(x, feats.index_select(0, dock_src), dock_dst)
+        if self.vision is not None and inputs[8].shape[0] > 0:
+            images, image_dst, *prefix = inputs[8:]
+            feats = encode_images(self.cfg, self.vision, self.vision_connector, images, *prefix)
+            x = dock(x, feats, image_dst)
         return x, position_ids, document_ids
 
 
@@ -109,8 +130,6 @@ def build_pipeline_module(cfg: ModelConfig, pp: int, tp: int, dp: int, seed: int
     init_deepspeed_comm()  # PipelineModule builds its process groups through deepspeed.comm
     if not cfg.tie_embeddings:
         raise ValueError("pipeline parallelism is implemented for tied embeddings (model.tie_embeddings=true)")
-    if cfg.vision is not None:
-        raise ValueError("pipeline parallelism does not carry images yet (vision models: parallel.pp=1)")
     layers = [TiedLayerSpec("embed", EmbeddingPipe, cfg, tied_weight_attr="word.weight"),
               LayerSpec(EncodeDockPipe, cfg)]
     layers += [LayerSpec(BlockPipe, cfg) for _ in range(cfg.decoder.layers)]
@@ -133,7 +152,9 @@ def _seed(seed) -> None:
     torch.manual_seed(int(seed))
 
 
-def pipeline_batches(micro_batches):
-    """MicroBatches -> the (inputs, labels) tuples DeepSpeed's pipeline engine reads."""
-    for batch in micro_batches:
-        yield tuple(batch[k] for k in INPUT_KEYS), tuple(batch[k] for k in LABEL_KEYS)
+def pipeline_batches(micro_batches, keys: Sequence[str] = INPUT_KEYS):
+    """MicroBatches -> the (inputs, labels) tuples DeepSpeed's pipeline engine reads (`keys`: `input_keys(cfg)`)."""
+    empty = {"images": torch.zeros(0, 3, 1, 1), "image_dst": torch.zeros(0, dtype=torch.int64),
+             "image_text": torch.zeros(0, 0, dtype=torch.int64), "image_segments": torch.zeros(0, 0, dtype=torch.int32)}
+    for batch in micro_batches:  # text-only batches of a vision model (its text validation set): no images
+        yield tuple(batch[k] if k in batch else empty[k] for k in keys), tuple(batch[k] for k in LABEL_KEYS)

@@ -229,7 +229,8 @@ def build_vl_data(cfg: TrainConfig, tokenizer, n_train: int, n_valid: int):
     d, m, mb = cfg.data, cfg.model, cfg.parallel.micro_batch
     k = image_rows(d.image_fraction, mb)
     icfg = ImageSampleConfig(seq_length=d.seq_length, image_size=m.vision.image_size, slots=m.image_slots(),
-                             patches=m.vision.patches, seed=cfg.seed, task=d.image_task,
+                             patches=m.vision.patches, seed=cfg.seed,
+                             task=d.image_task[0] if len(d.image_task) == 1 else tuple(d.image_task),
                              images_per_sample=d.images_per_sample, caption_prefix=m.vision.caption_prefix)
     dirs, weights = parse_image_path(d.image_path)
     n_img = n_train // mb * k
@@ -445,9 +446,9 @@ def evaluate(engine, valid_ds, cfg: TrainConfig, device) -> tuple[float, float]:
 
     it = MicroBatches(valid_ds, cfg.parallel.micro_batch, 0, parallel_state.get_data_parallel_rank(), dp_world())
     if uses_pipeline(cfg):  # mean of micro-batch means, over eval_iters // grad_accum pipeline batches
-        from pretrain.pipeline import pipeline_batches
+        from pretrain.pipeline import input_keys, pipeline_batches
 
-        data = pipeline_batches(it)
+        data = pipeline_batches(it, input_keys(cfg.model))
         n = max(1, cfg.logging.eval_iters // cfg.parallel.grad_accum)
         loss = float(np.mean([float(engine.eval_batch(data_iter=data)) for _ in range(n)]))
         return loss, math.exp(min(loss, 50.0))
@@ -570,9 +571,9 @@ def setup(cfg: TrainConfig) -> Run:
     batches = iter(MicroBatches(train_ds, cfg.parallel.micro_batch, state.consumed_samples,
                                 parallel_state.get_data_parallel_rank(), dp, workers=cfg.data.workers))
     if uses_pipeline(cfg):
-        from pretrain.pipeline import pipeline_batches
+        from pretrain.pipeline import input_keys, pipeline_batches
 
-        batches = pipeline_batches(batches)
+        batches = pipeline_batches(batches, input_keys(cfg.model))
     resumed_step = int(os.path.basename(resume_from)[len("step_"):]) if resume_from else -1
     downstream = None
     if cfg.logging.downstream_tasks:
