@@ -23,6 +23,28 @@ def fixed_batch(T=256, B=2, span_length=32, vocab=512, seed=0):
     return collate([build_sample(rng.integers(7, vocab, T + 1), docs, i, sc) for i in range(B)])
 
 
+def vl_config():
+    """A small vision-language model with the caption-prefix variant (vision encoder reads 4 prefix tokens)."""
+    from pretrain.config import ModelConfig, StackConfig, VisionConfig
+
+    return ModelConfig(vocab_size=512, max_seq_length=64, decoder=StackConfig(2, 64, 4, ffn_hidden=128),
+                       vision=VisionConfig(StackConfig(2, 32, 2, ffn_hidden=64), image_size=16, patch_size=4,
+                                           caption_prefix=4), vision_connector="mlp")
+
+
+def vl_batch(T=48, seed=0):
+    """Two rows: one image with a 3-token caption prefix; two images (interleaved captions)."""
+    from data_tools.vl_samples import Pair, VLIds, build_vl_row, collate_vl
+
+    rng = np.random.default_rng(seed)
+    ids = VLIds(bos=1, eos=2, pad=3, image=5, image_end=6)
+    cap = [rng.integers(7, 512, n).tolist() for n in (8, 5, 6)]
+    rows = [build_vl_row([Pair(cap[0], prefix=3)], 16, T, ids, 4, 16),
+            build_vl_row([Pair(cap[1], prefix=0), Pair(cap[2], prefix=4)], 16, T, ids, 4, 16)]
+    images = [rng.standard_normal((3, 16, 16)).astype(np.float32) for _ in range(3)]
+    return collate_vl(rows, images)
+
+
 def gather_full(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
@@ -45,8 +67,9 @@ def run(rank: int, world: int, tp: int, port: int, out: str, cfg_kw: dict):
     from pretrain.model.metalm import MetaLM
 
     torch.manual_seed(0)
-    model = MetaLM(small_config(**cfg_kw))
-    loss = model(fixed_batch())
+    vl = cfg_kw.pop("vl", False)
+    model = MetaLM(vl_config() if vl else small_config(**cfg_kw))
+    loss = model(vl_batch() if vl else fixed_batch())
     loss.backward()
     params = {n: gather_full(p, p) for n, p in model.named_parameters()}
     grads = {n: gather_full(p, p.grad) for n, p in model.named_parameters() if p.grad is not None}

@@ -1,0 +1,205 @@
+"""Vision-language training end to end: image-text samples from parquet shards (deterministic, in DataLoader
+workers), the image/text mixture, the caption-prefix variant, TP=2 = TP=1 on a VL batch, exact resume of mixed
+training after kill -9, and the VL evaluation (CIDEr-D, VQA-style scoring) on the trained model."""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.datasets import MicroBatches
+from data_tools.image_text import ImageSampleConfig, ImageTextDataset, MixedRows, VQA_PROMPT
+from data_tools.images import Record, write_dataset
+from tests.test_train import final_weights, launch, losses
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("square", "disc")
+
+
+def png(colour, shape, seed, size=20):
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (size, size), tuple(int(x) for x in rng.integers(200, 256, 3)))
+    d = ImageDraw.Draw(im)
+    a, b = int(rng.integers(1, 5)), int(rng.integers(14, 19))
+    (d.rectangle if shape == "square" else d.ellipse)([a, a, b, b], fill=COLOURS[colour])
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def vl_images(tmp_path_factory):
+    """Two small fetched-format datasets: coloured shapes with captions and a colour class; 'plain' captions only."""
+    out = str(tmp_path_factory.mktemp("vl_images"))
+    classes = list(COLOURS)
+    recs = [Record(f"s{i}", png(c, s, i), f"a {c} {s} on a light background.", classes.index(c))
+            for i, (c, s) in enumerate((c, s) for _ in range(8) for c in COLOURS for s in SHAPES)]
+    write_dataset("shapes", iter(recs), out, {"licence": "test", "classes": classes}, shard_size=16, log=lambda *a: 0)
+    plain = [Record(f"p{i}", png(c, "square", 100 + i), f"{c}.") for i, c in enumerate(list(COLOURS) * 6)]
+    write_dataset("plain", iter(plain), out, {"licence": "test", "classes": []}, log=lambda *a: 0)
+    return out
+
+
+def dataset(vl_images, tok, n=32, **kw):
+    cfg = ImageSampleConfig(**{**dict(seq_length=48, image_size=16, slots=16, patches=16, seed=3), **kw})
+    return ImageTextDataset([os.path.join(vl_images, "shapes"), os.path.join(vl_images, "plain")], [3.0, 1.0],
+                            "train", cfg, tok, n)
+
+
+def test_image_text_samples(vl_images, tok):
+    ds = dataset(vl_images, tok)
+    a, b = ds[5], dataset(vl_images, tok)[5]
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"sample 5 differs in {k}: not a function of (seed, index)"
+    assert a["images"].shape == (1, 3, 16, 16)
+    # blending 3:1 over the two sources (Megatron's rule: exact at every prefix up to rounding)
+    src = [s for s, _ in ds.order]
+    assert abs(src.count(0) - 3 * src.count(1)) <= 3
+    # the caption: decoded targets are the caption and </s>; slots and markers never counted
+    counted = a["labels"][a["loss_mask"] == 1]
+    assert counted[-1] == tok.ids.eos and tok.ids.image not in counted and tok.ids.image_end not in counted
+    s, r = ds.order[5]
+    assert tok.decode(counted[:-1].tolist()) == ds.sources[s].captions[r]
+    # vqa: only the answer (the class name) counts
+    v = dataset(vl_images, tok, task=("vqa", "caption"))
+    i = next(i for i in range(len(v)) if v.order[i][0] == 0)
+    row = v[i]
+    s, r = v.order[i]
+    ans = row["labels"][row["loss_mask"] == 1][:-1].tolist()
+    assert tok.decode(ans).strip() == v.sources[0].classes[v.sources[0].labels[r]]
+    assert VQA_PROMPT in tok.decode(row["tokens"][row["tokens"] != tok.ids.pad].tolist())
+
+
+def test_caption_prefix_variant(vl_images, tok):
+    ds = dataset(vl_images, tok, caption_prefix=6)
+    lens = []
+    for i in range(16):
+        x = ds[i]
+        L = int((x["image_segments"][0] == 0).sum()) - 16  # prefix tokens the vision encoder reads
+        lens.append(L)
+        dst = x["image_dst"][16:16 + L]  # the prefix outputs dock onto the caption's first L decoder positions
+        cap0 = int(x["image_dst"][15]) + 2  # after the last slot: </image>, then the caption
+        assert dst.tolist() == list(range(cap0, cap0 + L))
+        assert x["tokens"][dst].tolist() == x["image_text"][0, :L].tolist()
+        assert (x["image_dst"][16 + L:] == -1).all()
+        # targets predicted from inside the prefix (positions s..e-2) are not counted, the rest of the caption is
+        assert (x["loss_mask"][cap0:cap0 + max(L - 1, 0)] == 0).all()
+        assert x["loss_mask"][cap0 - 1] == 1 and (L == 0 or x["loss_mask"][cap0 + L - 1] == 1)
+    assert len(set(lens)) > 2, f"prefix lengths should vary with the sample index: {lens}"
+
+
+def test_loader_workers_and_mixture_are_deterministic(vl_images, tok, moby_prefix):
+    from data_tools.datasets import DataConfig, build_datasets
+
+    text, _, _ = build_datasets(DataConfig(data_path=[moby_prefix], split="90,10,0", seq_length=48, mode="sclm",
+                                           span_length=16), tok, [64, 0, 0])
+    mixed = MixedRows(dataset(vl_images, tok, 40, caption_prefix=4), text, micro_batch=4, image_rows=1)
+    inline = list(MicroBatches(mixed, 4, consumed_samples=8, dp_rank=1, dp_size=2))
+    workers = list(MicroBatches(mixed, 4, consumed_samples=8, dp_rank=1, dp_size=2, workers=2))
+    assert len(inline) == len(workers) > 2
+    for x, y in zip(inline, workers):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    b = inline[0]
+    assert b["images"].shape[0] == 1 and b["image_text"].shape == (1, 4)  # one image row, three text rows
+    assert (b["enc_segments"][0] == -1).all() and (b["enc_segments"][1:] >= 0).any()  # text rows bring spans
+    T = b["tokens"].shape[1]
+    assert (b["image_dst"][b["image_dst"] < 4 * T] < T).all(), "the image row is row 0 of each micro-batch"
+
+
+def test_prefix_reaches_slots_and_tp2_equals_tp1(tmp_path):
+    from tests.test_model import run_workers
+    from tests.tp_worker import vl_batch, vl_config
+
+    from pretrain.model.metalm import MetaLM
+    from pretrain.parallel import init_distributed, init_model_parallel
+
+    init_distributed("gloo")
+    init_model_parallel(1, 1)
+    torch.manual_seed(0)
+    model = MetaLM(vl_config()).eval()
+    batch = vl_batch()
+    with torch.no_grad():
+        base = model.logits(batch)
+        changed = dict(batch, image_text=batch["image_text"].clone())
+        changed["image_text"][0, 1] += 1  # row 0's second prefix token, as the vision encoder reads it
+        other = model.logits(changed)
+    slots = batch["image_dst"][:16]
+    diff = (base[0] - other[0]).abs().amax(-1)
+    assert (diff[slots] > 1e-5).all(), "the image slots' features see the caption prefix (bidirectional encoder)"
+    assert torch.equal(base[1], other[1]), "the other row is untouched"
+    ref = run_workers(1, 1, tmp_path / "tp1.pt", {"vl": True})
+    tp2 = run_workers(2, 2, tmp_path / "tp2.pt", {"vl": True})
+    torch.testing.assert_close(tp2["loss"], ref["loss"], atol=1e-5, rtol=0)
+    assert ref["grads"].keys() == tp2["grads"].keys() and any(k.startswith("vision.text") for k in ref["grads"])
+    for n in ref["grads"]:
+        torch.testing.assert_close(tp2["grads"][n], ref["grads"][n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+VL = ["model.preset=tiny-vl", "model.vocab_size=1000", "model.max_seq_length=128", "model.decoder.layers=2",
+      "model.decoder.hidden=64", "model.decoder.heads=4", "model.decoder.ffn_hidden=128",
+      "model.vision.image_size=16", "model.vision.patch_size=4", "model.vision.caption_prefix=4",
+      "data.seq_length=64", "data.image_fraction=0.5", "data.workers=2", "parallel.micro_batch=4",
+      "parallel.deepspeed=zero2", "checkpoint.save_interval=2", "checkpoint.keep_last=5"]
+
+
+@pytest.mark.slow
+def test_mixed_training_resumes_exactly_after_kill_9_and_evaluates(tmp_path, tok_model, moby_prefix, vl_images):
+    # launch() adds tests.test_train.SMALL, whose model.encoder.* keys give this VL model a small text encoder too:
+    # text rows are semi-causal (spans through the text encoder), image rows dock images and caption prefixes
+    images = [f"data.image_path=[3, {vl_images}/shapes, 1, {vl_images}/plain]", "data.image_task=[vqa, caption]"]
+    args = [*VL, *images]
+    launch(tmp_path / "straight", tok_model, moby_prefix, *args, nproc=2, steps=5)
+    r = launch(tmp_path / "cut", tok_model, moby_prefix, *args, "fault_injection={die_at_step: 4, die_rank: 1}",
+               nproc=2, steps=5, check=False)
+    assert r.returncode != 0 and not os.path.exists(tmp_path / "cut" / "checkpoints" / "step_00000005")
+    launch(tmp_path / "cut", tok_model, moby_prefix, *args, nproc=2, steps=5)  # resumes from step 2
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "cut")
+    assert a == b and len(a) == 5, "identical losses, bit for bit (data order, image decoding, prefixes)"
+    _, wa = final_weights(tmp_path / "straight")
+    _, wb = final_weights(tmp_path / "cut")
+    vision = [k for k in wa if k.startswith("vision.") and isinstance(wa[k], torch.Tensor)]
+    assert len(vision) > 10
+    for k in (k for k in wa if isinstance(wa[k], torch.Tensor)):
+        assert torch.equal(wa[k], wb[k]), k
+    # the evaluation runs on the trained checkpoint and writes its reports
+    from eval import vl
+
+    out = tmp_path / "eval"
+    assert vl.main(["--model", str(tmp_path / "cut"), "--images", vl_images, "--caption-source", "plain",
+                    "--vqa-source", "shapes", "--vqa-items", "6", "--seeds", "2", "--shots", "0,2",
+                    "--max-new-tokens", "4", "--out", str(out), "--name", "m"]) == 0
+    rep = json.load(open(out / "m.json"))
+    caps = [r for r in rep["records"] if r["task"] == "captioning"]
+    assert len(caps) == 2 and all(len(r["examples"]) == r["n"] > 0 for r in caps)
+    assert sorted(r["shots"] for r in rep["summary"]) == [0, 2] and all(r["seeds"] == 2 for r in rep["summary"])
+    assert all(0 <= r["acc"] <= 1 and r["chance"] == 0.25 for r in rep["summary"])
+    assert os.path.getsize(out / "m.png") > 1000 and "CIDEr-D" in open(out / "m.md").read()
+
+
+def test_cider_and_vqa_scoring(vl_images, tok):
+    from eval.vl import VLModel, cider, coco_tokens, vqa_pairs, vqa_rows
+
+    assert coco_tokens("A Red, square-shaped thing.") == "a red square shaped thing"
+    refs = ["a red square.", "a blue disc on white.", "two green squares."]
+    same, _ = cider(refs, refs)
+    partial, per = cider(refs, ["a red square", "a blue square", "nothing at all"])
+    assert same > partial > 0 and per[0] > per[1] > per[2] == 0.0
+    # the VQA rows: per class, the answer tokens alone are counted; demonstrations count nothing
+    from pretrain.config import ModelConfig, StackConfig, TrainConfig, VisionConfig
+
+    cfg = TrainConfig(model=ModelConfig(vocab_size=8000, max_seq_length=256, decoder=StackConfig(1, 32, 2),
+                                        vision=VisionConfig(StackConfig(1, 32, 2), image_size=16, patch_size=8)))
+    vm = VLModel(None, cfg, tok)
+    classes = ["red", "green", "blue"]
+    groups = [(vqa_pairs(vm, ["blue", "green"], classes), np.zeros((3, 3, 16, 16), np.float32))]
+    rows = vqa_rows(vm, groups)
+    assert len(rows) == 3
+    for row, c in zip(rows, classes):
+        assert tok.decode(row["labels"][row["loss_mask"] == 1].tolist()).strip() == c
+        assert len(row["image_dst"]) == 3 * 4
