@@ -2,9 +2,13 @@
 #   make demo   -- set up, fetch real text, train a tokenizer, preprocess, show dataset statistics and samples,
 #                  pretrain the tiny-cpu MetaLM and its GPT baseline (2 processes, ZeRO-2), plot the loss curves,
 #                  finetune both on SpamAssassin (MetaLM: encoder only, decoder frozen; GPT: all parameters),
-#                  then evaluate both side by side (eval.demo): perplexity, zero/few-shot accuracy on real tasks
-#                  (causal and encoder placement), KV-cached generation, a report, a summary. MODELS=tiny-cpu: one.
+#                  fetch images and train the tiny vision-language MetaLM (configs/tiny-vl.yaml, VL_STEPS),
+#                  then evaluate side by side (eval.demo): perplexity, zero/few-shot accuracy on real tasks
+#                  (causal and encoder placement), KV-cached generation, VL captioning (CIDEr-D) and VQA-style
+#                  classification, a report, a summary. MODELS=tiny-cpu: one.
 #   make test   -- set up and run the test suite
+#   make vl      -- the tiny vision-language MetaLM over 3 seeds: pretraining on images + text, captioning CIDEr-D,
+#                  VQA-style classification zero/few-shot, finetuned classification (eval/experiments/vl_tiny.py)
 #   make compare -- semi-causal vs causal: pretrain both, perplexity, few-shot, finetuning, held-out in-context
 #                  accuracy, 3 seeds per cell (eval/experiments/sclm_vs_causal.py; under an hour on 2 cores)
 PY ?= python3
@@ -16,8 +20,9 @@ NPROC ?= 2
 OVERRIDES ?=
 PROMPT ?= It is a truth universally acknowledged that
 FT_STEPS ?= 80
+VL_STEPS ?= 1500
 
-.PHONY: setup demo test bench compare clean
+.PHONY: setup demo test bench compare vl clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +47,11 @@ demo: setup
 			checkpoint.init_from=$(WORK)/runs/$$m run_dir=$(WORK)/finetuned/$$m finetune.data_dir=$(WORK)/tasks \
 			schedule.train_steps=$(FT_STEPS) || exit 1; \
 	done
+	$(BIN)/python -m data_tools.images fetch --name all --out $(WORK)/images
+	$(BIN)/python -m pretrain.train --config configs/tiny-vl.yaml run_dir=$(WORK)/vl/runs/tiny-vl \
+		data.tokenizer_model=$(WORK)/tokenizer/spm.model "data.data_path=[$(WORK)/data/corpus_text_document]" \
+		"data.image_path=[1, $(WORK)/images/tuxpaint, 2, $(WORK)/images/fashion_mnist, 1, $(WORK)/images/mnist]" \
+		schedule.train_steps=$(VL_STEPS) logging.progress_bar=false
 	$(BIN)/python -m pretrain.plot $$(ls -d $(WORK)/runs/*/) --out $(WORK)/loss.png
 	$(BIN)/python -m eval.demo --work $(WORK) --prompt "$(PROMPT)"
 
@@ -51,10 +61,14 @@ test: setup
 compare: setup
 	$(BIN)/python -m eval.experiments.sclm_vs_causal --work work/compare
 
+vl: setup
+	$(BIN)/python -m eval.experiments.vl_tiny --work work/vl
+
 bench: setup
 	$(BIN)/python -m bench.preprocess_throughput
 	$(BIN)/python -m bench.batch_building
 	$(BIN)/python -m bench.eval_throughput
+	$(BIN)/python -m bench.vl_throughput
 
 clean:
 	rm -rf $(VENV) work

@@ -8,7 +8,7 @@
 2. Training: tokens/s of forward + backward + AdamW on the `tiny-vl` preset with half of each micro-batch image-text
    rows (16 slots per 32x32 image) vs the same decoder trained on text only (vision encoder removed), same
    batch shape (tokens/s counts every decoder position of the batch in both rows).
-Needs `python -m data_tools.images fetch --name tuxpaint,fashion_mnist --out work/vl/images`.
+Fetches Tux Paint and Fashion-MNIST into --images first if they are not there (`data_tools.images fetch`).
 """
 from __future__ import annotations
 
@@ -93,11 +93,10 @@ def main() -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("tuxpaint", "fashion_mnist"):
-        if not os.path.isfile(os.path.join(args.images, name, "meta.json")):
-            print(f"error: {args.images}/{name} not fetched (python -m data_tools.images fetch --name "
-                  f"tuxpaint,fashion_mnist --out {args.images})", file=sys.stderr)
-            return 2
+    from data_tools.images import fetch
+
+    for name in ("tuxpaint", "fashion_mnist"):  # fetched once (cached afterwards)
+        fetch(name, args.images, log=lambda *a: None)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     load = loader_rows(args.images, args.work, args.batches, args.micro_batch, 224)
     train = train_rows(args.steps, 8, 128)

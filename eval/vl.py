@@ -10,11 +10,13 @@
   references, as in COCO's evaluation.
 - VQA-style classification (`--vqa-source`, Fashion-MNIST's test split): each class name scored after
   `question: what is this? answer:`; with k shots, k demonstrations `<image> question: what is this? answer:
-  <its class>` from the train split precede the query image (k <= 4, seeded per item). acc = highest summed
+  <its class>` from the train split (validation for the evaluation-only `cifar10`) precede the query image (k <= 4,
+  seeded per item). `--vqa-source cifar10` (`data_tools.images fetch --name cifar10`) scores CIFAR-10 the same way. acc = highest summed
   log-probability of the answer tokens, acc_norm = highest per answer character (lm-eval's definitions); chance is
   1/classes. acc_calibrated subtracts each answer's log-probability given a blank query image (contextual
   calibration with a content-free input, Zhao et al. 2021): the class prior the decoder learned from text is
-  removed, what the image adds remains. Each seed draws its own items and demonstrations; reports give mean ± sd over seeds.
+  removed, what the image adds remains. Each seed draws its own items and demonstrations; reports give mean ± sd
+  over seeds.
 Reports: NAME.json (every record and caption), NAME.md, NAME.png (accuracy by shots with the spread, chance line).
 """
 from __future__ import annotations
@@ -196,7 +198,9 @@ def evaluate(vm: VLModel, images_dir: str, tasks: Sequence[str], shots: Sequence
                 f"{caps[0]!r} for {refs[0]!r}")
     if "vqa" in tasks:
         test = ImageSource(os.path.join(images_dir, vqa_source), "test")
-        train = ImageSource(os.path.join(images_dir, vqa_source), "train")
+        # demonstrations from the train split; an evaluation-only source (cifar10) keeps them in validation
+        pool = "train" if test.meta["counts"].get("train") else "validation"
+        train = ImageSource(os.path.join(images_dir, vqa_source), pool)
         for k in shots:
             for s in range(seeds):
                 items = np.random.default_rng([s, 7]).permutation(len(test))[:vqa_items].tolist()
@@ -241,7 +245,8 @@ def markdown(records: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {records[0].get('vqa_source', 'fashion_mnist')} test | {r['shots']} | "
                   f"{r['seeds']} | {r['n']} | {r['acc']:.3f} ± {r['acc_sd']:.3f} | {r['acc_norm']:.3f} ± "
-                  f"{r['acc_norm_sd']:.3f} | {r['acc_calibrated']:.3f} ± {r['acc_calibrated_sd']:.3f} | {r['chance']:.3f} |"
+                  f"{r['acc_norm_sd']:.3f} | {r['acc_calibrated']:.3f} ± {r['acc_calibrated_sd']:.3f} | "
+                  f"{r['chance']:.3f} |"
                   for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -265,11 +270,9 @@ def plot(records: list[dict], path: str) -> None:
     ax.set_xlabel("image demonstrations (shots)")
     ax.set_ylabel("accuracy (mean ± sd over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from pretrain.plot import save_figure
+
+    save_figure(fig, path)
 
 
 def write_report(records: list[dict], out_dir: str, name: str) -> list[str]:

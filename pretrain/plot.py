@@ -61,13 +61,20 @@ def plot(run_dirs: Sequence[str], out: str, smooth: int = 10) -> str:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
     return out
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+    """Write a matplotlib figure atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,3 +105,23 @@ def test_inspect_and_cli(fetched, tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_tools.images", "fetch", "--name", "nope", "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env(), cwd=ROOT)
     assert r.returncode == 2 and "unknown image source 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cifar10_from_bigbench_hex(tmp_path):
+    """BIG-bench's cifar10_classification/hex format: 1,024 `#rrggbb` pixels (a newline after each row of 32),
+    target_scores as a Python dict literal; a malformed example is skipped and reported by id."""
+    rng = np.random.default_rng(0)
+    pix = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    text = "".join("".join(f"#{r:02x}{g:02x}{b:02x}" for r, g, b in row) + "\n" for row in pix)
+    scores = {c: int(c == "cat") for c in images.CIFAR_CLASSES}
+    task = {"examples": [{"input": text, "target_scores": str(scores)},
+                         {"input": text[:-200], "target_scores": str(scores)}]}
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(task))
+    skipped: dict = {}
+    recs = list(images.read_cifar10(str(path), 0, skipped))
+    assert len(recs) == 1 and recs[0].label == images.CIFAR_CLASSES.index("cat") and "a cat" in recs[0].caption
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(recs[0].image))), pix)
+    assert list(skipped) == ["bad example"] and skipped["bad example"][0].startswith("test-00001")

@@ -164,11 +164,9 @@ def plot(out: dict, path: str) -> None:
     ax.set_xlabel("image demonstrations (shots)")
     ax.set_ylabel(f"accuracy, mean ± sd over {len(out['seeds'])} seeds")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from pretrain.plot import save_figure
+
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
