@@ -150,8 +150,10 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        valid = (f"validation perplexity {self.last_valid['valid_ppl']:.2f} at step {self.last_valid['step']}"
-                 if self.last_valid else "no validation")
+        v = self.last_valid or {}
+        parts = [f"validation perplexity {v['valid_ppl']:.2f}"] if "valid_ppl" in v else []
+        parts += [f"caption perplexity {v['valid_image_ppl']:.2f}"] if "valid_image_ppl" in v else []
+        valid = f"{', '.join(parts)} at step {v['step']}" if parts else "no validation"
         self.log(f"summary: steps {self.start_step}->{self.last_step} of {self.total} in "
                  f"{_hms(time.perf_counter() - self.t0)} | {self.tokens / 1e6:.2f}M tokens this run | {valid} | "
                  f"last checkpoint {self.last_checkpoint or 'none this run'}")

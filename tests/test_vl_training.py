@@ -203,3 +203,15 @@ def test_cider_and_vqa_scoring(vl_images, tok):
     for row, c in zip(rows, classes):
         assert tok.decode(row["labels"][row["loss_mask"] == 1].tolist()).strip() == c
         assert len(row["image_dst"]) == 3 * 4
+
+
+def test_images_only_validation_is_reported(tmp_path, capsys):
+    """An images-only run (data.image_fraction=1.0: the finetuned-classification recipe) has a caption validation
+    loss and no text perplexity; the log line and the closing summary say so."""
+    from pretrain.metrics import Reporter
+
+    rep = Reporter(str(tmp_path), 3, 0, 1, False, False, enabled=True)
+    rep.valid(3, {"valid_image_loss": 1.0, "valid_image_ppl": 2.718})
+    rep.close()
+    out = capsys.readouterr().out
+    assert "caption loss 1.0000" in out and "caption perplexity 2.72 at step 3" in out
