@@ -215,3 +215,20 @@ def test_images_only_validation_is_reported(tmp_path, capsys):
     rep.close()
     out = capsys.readouterr().out
     assert "caption loss 1.0000" in out and "caption perplexity 2.72 at step 3" in out
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_2_carries_images_on_stage_0(tmp_path, tok_model, moby_prefix, vl_images):
+    """PP=2 (vision encoder, caption prefixes and docking on stage 0) = the same model in the pipeline engine at
+    PP=1, on mixed text + image micro-batches, text and caption validation included."""
+    common = [*VL, f"data.image_path=[{vl_images}/shapes]", "data.workers=0", "parallel.micro_batch=2",
+              "parallel.deepspeed=pipeline_zero1", "parallel.pipeline_engine=true", "parallel.grad_accum=2",
+              "logging.eval_interval=3", "logging.eval_iters=2"]
+    launch(tmp_path / "pp1", tok_model, moby_prefix, *common, steps=3)
+    launch(tmp_path / "pp2", tok_model, moby_prefix, *common, "parallel.pp=2", nproc=2, steps=3)
+    a, b = losses(tmp_path / "pp1"), losses(tmp_path / "pp2")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    valid = [json.loads(x) for x in open(tmp_path / "pp2" / "metrics.jsonl") if "valid_image_loss" in x]
+    assert valid and np.isfinite(valid[-1]["valid_image_loss"]) and np.isfinite(valid[-1]["valid_loss"])
