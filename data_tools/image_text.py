@@ -68,7 +68,9 @@ class ImageSource:
         self.classes = list(self.meta.get("classes") or [])
         rows = read_rows(path, split, ("id", "image", "caption", "label"))
         if not rows:
-            raise ValueError(f"{path}: no {split!r} rows (splits: {self.meta.get('counts')})")
+            raise ValueError(f"{path}: no {split!r} rows (splits: {self.meta.get('counts')})"
+                             + ("; an evaluation-only source (cifar10) cannot be trained on" if split == "train"
+                                else ""))
         self.ids = [r["id"] for r in rows]
         self.images = [r["image"] for r in rows]
         self.captions = [r["caption"] for r in rows]
@@ -115,6 +117,10 @@ class ImageTextDataset:
         if len(tasks) != len(paths):
             raise ValueError(f"data.image_task lists {len(tasks)} tasks for {len(paths)} image sources")
         self.tasks = tasks
+        for src, task in zip(self.sources, tasks):
+            if task == "vqa" and (not src.classes or (src.labels < 0).any()):
+                raise ValueError(f"{src.path}: image_task vqa needs a class label on every row (a classification "
+                                 "source such as fashion_mnist or mnist)")
         self.prompt = tokenizer.encode(VQA_PROMPT)
 
     def __len__(self) -> int:

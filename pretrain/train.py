@@ -228,13 +228,16 @@ def build_vl_data(cfg: TrainConfig, tokenizer, n_train: int, n_valid: int):
 
     d, m, mb = cfg.data, cfg.model, cfg.parallel.micro_batch
     k = image_rows(d.image_fraction, mb)
-    icfg = ImageSampleConfig(seq_length=d.seq_length, image_size=m.vision.image_size, slots=m.image_slots(),
-                             patches=m.vision.patches, seed=cfg.seed,
-                             task=d.image_task[0] if len(d.image_task) == 1 else tuple(d.image_task),
-                             images_per_sample=d.images_per_sample, caption_prefix=m.vision.caption_prefix)
     dirs, weights = parse_image_path(d.image_path)
     n_img = n_train // mb * k
-    images = ImageTextDataset(dirs, weights, "train", icfg, tokenizer, n_img)
+    try:  # no train rows, a source without classes for vqa, a tokenizer without <image>, a bad image_task
+        icfg = ImageSampleConfig(seq_length=d.seq_length, image_size=m.vision.image_size, slots=m.image_slots(),
+                                 patches=m.vision.patches, seed=cfg.seed,
+                                 task=d.image_task[0] if len(d.image_task) == 1 else tuple(d.image_task),
+                                 images_per_sample=d.images_per_sample, caption_prefix=m.vision.caption_prefix)
+        images = ImageTextDataset(dirs, weights, "train", icfg, tokenizer, n_img)
+    except ValueError as e:
+        raise ConfigError(f"data.image_path: {e}") from None
     text, valid = None, {}
     if k < mb:
         if not d.data_path:
