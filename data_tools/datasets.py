@@ -228,12 +228,23 @@ class MicroBatches:
             import torch
 
             it = torch.utils.data.DataLoader(_Indexed(self), sampler=range(start, stop), batch_size=None,
-                                             num_workers=self.workers, prefetch_factor=4, persistent_workers=False)
+                                             num_workers=self.workers, prefetch_factor=4, persistent_workers=False,
+                                             worker_init_fn=_ignore_stop_signals)
         else:
             it = (self.batch(j) for j in range(start, stop))
         for batch in it:
             self.consumed_samples += step
             yield batch
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGINT to the training process: a scheduler or Ctrl-C signals the whole
+    process group, and a worker dying of it would fail the step the trainer is about to checkpoint (the trainer
+    saves, then closes its loader; a worker whose parent is gone exits by torch's own watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Indexed:

@@ -232,3 +232,35 @@ def test_pipeline_parallel_2_carries_images_on_stage_0(tmp_path, tok_model, moby
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
     valid = [json.loads(x) for x in open(tmp_path / "pp2" / "metrics.jsonl") if "valid_image_loss" in x]
     assert valid and np.isfinite(valid[-1]["valid_image_loss"]) and np.isfinite(valid[-1]["valid_loss"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, tok_model, moby_prefix, vl_images):
+    """A scheduler's (or Ctrl-C's) signal reaches every process of the group, DataLoader workers included: the
+    workers ignore it, the trainer finishes its step, saves a complete checkpoint and exits 0, nothing is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pretrain.checkpoint import COMPLETE
+    from tests.test_train import ROOT, SMALL, env
+
+    cmd = [sys.executable, "-m", "pretrain.train", f"run_dir={tmp_path}", f"data.tokenizer_model={tok_model}",
+           f"data.data_path=[{moby_prefix}]", *SMALL, *VL, f"data.image_path=[{vl_images}/shapes]",
+           "schedule.train_steps=100000", "checkpoint.save_interval=0", "parallel.deepspeed=zero0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT,
+                            start_new_session=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its 2 loader workers
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested: saving at step" in out
+    tag = open(tmp_path / "checkpoints" / "latest").read()
+    assert os.path.exists(tmp_path / "checkpoints" / tag / COMPLETE)
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no process of the group is left
