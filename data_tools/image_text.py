@@ -122,6 +122,12 @@ class ImageTextDataset:
                 raise ValueError(f"{src.path}: image_task vqa needs a class label on every row (a classification "
                                  "source such as fashion_mnist or mnist)")
         self.prompt = tokenizer.encode(VQA_PROMPT)
+        vqa = [len(tokenizer.encode(" " + c)) for src, t in zip(self.sources, tasks) if t == "vqa" for c in src.classes]
+        need = cfg.images_per_sample * (cfg.slots + 2 + len(self.prompt) + max(vqa, default=0)) + 1
+        if vqa and need > cfg.seq_length:  # checked here, not in a loader worker mid-run
+            raise ValueError(f"data.seq_length={cfg.seq_length} is too short for VQA rows: {need} positions for "
+                             f"{cfg.images_per_sample} image(s) of {cfg.slots} slots, the question and the longest "
+                             "answer")
 
     def __len__(self) -> int:
         return len(self.order) // self.cfg.images_per_sample
@@ -144,8 +150,8 @@ class ImageTextDataset:
         over = sum(len(p.caption) for p in pairs) - budget
         if over > 0:  # long captions are cut at the end (the last pair's first); the task's answer is never cut
             for j in reversed(range(len(pairs))):
-                cut = min(over, len(pairs[j].caption) - 1, len(pairs[j].caption) - pairs[j].counted_from - 1
-                          if pairs[j].counted_from else len(pairs[j].caption) - 1)
+                room = len(pairs[j].caption) - 1 if pairs[j].counted_from == 0 else 0  # VQA pairs stay whole
+                cut = min(over, room)
                 if cut > 0:
                     keep = len(pairs[j].caption) - cut
                     pairs[j] = Pair(pairs[j].caption[:keep], pairs[j].counted_from, min(pairs[j].prefix, keep - 1))
