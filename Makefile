@@ -20,7 +20,7 @@ NPROC ?= 2
 OVERRIDES ?=
 PROMPT ?= It is a truth universally acknowledged that
 FT_STEPS ?= 80
-VL_STEPS ?= 1500
+VL_STEPS ?= 2000
 
 .PHONY: setup demo test bench compare vl clean
 

@@ -267,6 +267,7 @@ def plot(records: list[dict], path: str) -> None:
         ax.axhline(rows[0]["chance"], color="grey", ls="--", label="chance")
     caps = [f"{r['model']} ({r['prompt']}): {r['cider']:.3f}" for r in records if r["task"] == "captioning"]
     ax.set_title("VQA-style classification" + ("\nCIDEr-D " + "; ".join(caps) if caps else ""), fontsize=8)
+    ax.set_xticks(sorted({r["shots"] for r in rows}))
     ax.set_xlabel("image demonstrations (shots)")
     ax.set_ylabel("accuracy (mean ± sd over seeds)")
     ax.legend(fontsize=8)

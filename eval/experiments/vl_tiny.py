@@ -95,8 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records["finetuned"].append(r)
     out = {"date": time.strftime("%Y-%m-%d"), "command": "python -m eval.experiments.vl_tiny "
            + " ".join(argv if argv is not None else sys.argv[1:]), "seeds": [1234 + s for s in range(args.seeds)],
-           "steps": args.steps, "ft_steps": args.ft_steps, "table": table(records), "records": records,
-           "minutes": round((time.perf_counter() - t0) / 60, 1)}
+           "steps": args.steps, "ft_steps": args.ft_steps, "table": table(records), "records": records}
     res = os.path.join(work, "report")
     os.makedirs(res, exist_ok=True)
     with open(os.path.join(res, "vl.json"), "w") as f:
@@ -106,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f.write(md)
     plot(out, os.path.join(res, "vl.png"))
     print(md)
-    log(f"wrote {res}/vl.json, vl.md, vl.png ({out['minutes']} min)")
+    log(f"wrote {res}/vl.json, vl.md, vl.png (this invocation: {(time.perf_counter() - t0) / 60:.1f} min; cached "
+        "stages are not rerun)")
     return 0
 
 
@@ -161,6 +161,7 @@ def plot(out: dict, path: str) -> None:
     ax.set_title("Fashion-MNIST VQA-style classification (tiny VL MetaLM)\n"
                  + "; ".join(f"CIDEr-D {r['what'].split('(')[-1][:-1]}: {fmt(tuple(r['value']))}" for r in cider),
                  fontsize=8)
+    ax.set_xticks(sorted({r["shots"] for r in out["table"] if "shots" in r}))
     ax.set_xlabel("image demonstrations (shots)")
     ax.set_ylabel(f"accuracy, mean ± sd over {len(out['seeds'])} seeds")
     ax.legend(fontsize=7)
