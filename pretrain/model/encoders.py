@@ -7,7 +7,8 @@
   absolute positions, bidirectional blocks, final norm. With `caption_prefix` Lp > 0 (the paper's variant) each
   image's row also holds up to Lp caption-prefix tokens (own embedding + learned positions) after its P patches;
   the row's mask (block-diagonal over `image_segments`: 0 = real, -1 = padding) lets patches and prefix tokens see
-  each other and nothing else. Replicated (not tensor-parallel) embeddings: they are small.
+  each other and nothing else. The blocks are tensor-parallel (megatron-core layers, as the decoder's); the patch,
+  position and prefix embeddings are replicated: they are small.
 
 Legend: B batch, Te encoder row length, M images, P patches per image, d hidden.
 """
