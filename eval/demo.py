@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scored = [(r["metrics"][m] - r["majority"], m, r) for r in records for m in r["metrics"]]
         summary.append((name, info.get("step"), ppl, records, max(scored, key=lambda x: x[0])))
     finetuned = finetuned_runs(args.work, task_dir, args.items)
-    vl = vl_runs(args.work, results)
+    vl = vl_runs(args.work, os.path.join(results, "vl"))  # its own folder: the text report reads results/*.json
     rows = report.summarise(report.load_records(sorted(glob.glob(os.path.join(results, "*.json")))))
     print("\n== report (mean ± sd over seeds; 0-shot has no randomness)")
     print(report.markdown(rows))

@@ -30,6 +30,9 @@ def load_records(paths: Sequence[str]) -> list[dict]:
         recs = data.get("records") if isinstance(data, dict) else None
         if not isinstance(recs, list):
             raise ValueError(f"{path}: no 'records' list (expected the output of eval.score --out)")
+        if any("placement" not in r for r in recs):
+            raise ValueError(f"{path}: not an eval.score report (records without a placement; eval.vl reports "
+                             "are read by eval.vl)")
         records.extend(recs)
     return records
 
