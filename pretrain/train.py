@@ -195,7 +195,7 @@ def data_mode(cfg: TrainConfig) -> str:
 
 
 def build_data(cfg: TrainConfig, tokenizer, dp_size: int):
-    from data_tools.datasets import DataConfig, build_datasets
+    from data_tools.datasets import build_datasets
 
     d = cfg.data
     global_batch = cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp_size
@@ -211,19 +211,24 @@ def build_data(cfg: TrainConfig, tokenizer, dp_size: int):
     n_valid = cfg.logging.eval_iters * cfg.parallel.micro_batch * dp_size if cfg.logging.eval_iters else 0
     if d.image_path:
         return build_vl_data(cfg, tokenizer, n_train, n_valid if n_evals else 0)
-    dcfg = DataConfig(data_path=d.data_path, split=d.split, seq_length=d.seq_length, seed=cfg.seed,
-                      mode=data_mode(cfg), span_length=d.span_length, span_coverage=d.span_coverage,
-                      max_spans=d.max_spans, reset_position_ids=d.reset_position_ids,
-                      cache_dir=d.cache_dir or None)
-    train_ds, valid_ds, _ = build_datasets(dcfg, tokenizer, [n_train, n_valid if n_evals else 0, 0])
+    train_ds, valid_ds, _ = build_datasets(text_data_config(cfg), tokenizer, [n_train, n_valid if n_evals else 0, 0])
     return train_ds, valid_sets(valid_ds)
+
+
+def text_data_config(cfg: TrainConfig):
+    from data_tools.datasets import DataConfig
+
+    d = cfg.data
+    return DataConfig(data_path=d.data_path, split=d.split, seq_length=d.seq_length, seed=cfg.seed,
+                      mode=data_mode(cfg), span_length=d.span_length, span_coverage=d.span_coverage,
+                      max_spans=d.max_spans, reset_position_ids=d.reset_position_ids, cache_dir=d.cache_dir or None)
 
 
 def build_vl_data(cfg: TrainConfig, tokenizer, n_train: int, n_valid: int):
     """The image-text / text mixture (data_tools/image_text.py) and its validation sets: `valid` (text, causal
     view) and `valid_sclm` as for text runs, `valid_image` (the caption loss on the image datasets' validation
     split)."""
-    from data_tools.datasets import DataConfig, build_datasets
+    from data_tools.datasets import build_datasets
     from data_tools.image_text import ImageSampleConfig, ImageTextDataset, MixedRows, image_rows, parse_image_path
 
     d, m, mb = cfg.data, cfg.model, cfg.parallel.micro_batch
@@ -236,6 +241,7 @@ def build_vl_data(cfg: TrainConfig, tokenizer, n_train: int, n_valid: int):
                                  task=d.image_task[0] if len(d.image_task) == 1 else tuple(d.image_task),
                                  images_per_sample=d.images_per_sample, caption_prefix=m.vision.caption_prefix)
         images = ImageTextDataset(dirs, weights, "train", icfg, tokenizer, n_img)
+        valid_images = ImageTextDataset(dirs, weights, "validation", icfg, tokenizer, n_valid) if n_valid else None
     except ValueError as e:
         raise ConfigError(f"data.image_path: {e}") from None
     text, valid = None, {}
@@ -243,15 +249,11 @@ def build_vl_data(cfg: TrainConfig, tokenizer, n_train: int, n_valid: int):
         if not d.data_path:
             raise ConfigError(f"data.image_fraction={d.image_fraction} leaves {mb - k} text row(s) per micro-batch "
                               "but data.data_path is empty (image_fraction=1.0 trains on images only)")
-        dcfg = DataConfig(data_path=d.data_path, split=d.split, seq_length=d.seq_length, seed=cfg.seed,
-                          mode=data_mode(cfg), span_length=d.span_length, span_coverage=d.span_coverage,
-                          max_spans=d.max_spans, reset_position_ids=d.reset_position_ids,
-                          cache_dir=d.cache_dir or None)
         n_text = n_train // mb * (mb - k)
-        text, valid_ds, _ = build_datasets(dcfg, tokenizer, [n_text, n_valid, 0])
+        text, valid_ds, _ = build_datasets(text_data_config(cfg), tokenizer, [n_text, n_valid, 0])
         valid = valid_sets(valid_ds)
-    if n_valid:
-        valid["valid_image"] = ImageTextDataset(dirs, weights, "validation", icfg, tokenizer, n_valid)
+    if valid_images is not None:
+        valid["valid_image"] = valid_images
     if dist.get_rank() == 0:
         print(f"data: {k} image-text row(s) + {mb - k} text row(s) per micro-batch (data.image_fraction="
               f"{d.image_fraction} -> {k / mb:.3f}); image sources {', '.join(os.path.basename(x) for x in dirs)}")
