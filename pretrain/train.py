@@ -565,7 +565,10 @@ def setup(cfg: TrainConfig) -> Run:
             f.write(config_yaml)
     rep = Reporter(cfg.run_dir, cfg.schedule.train_steps, state.step, cfg.logging.log_interval,
                    cfg.logging.tensorboard, cfg.logging.progress_bar, enabled=rank == 0)
-    rep.log(f"model: {cfg.model.param_count()['total'] / 1e6:.1f}M parameters | world {world} (dp {dp}, "
+    counts = cfg.model.param_count()
+    frozen = (f" ({counts['vision'] / 1e6:.2f}M in the frozen vision encoder: no gradients, no optimizer state)"
+              if cfg.model.vision is not None and cfg.model.freeze_vision else "")
+    rep.log(f"model: {counts['total'] / 1e6:.1f}M parameters{frozen} | world {world} (dp {dp}, "
             f"tp {cfg.parallel.tp}, pp {cfg.parallel.pp}) | {cfg.parallel.deepspeed} | {cfg.parallel.precision} | "
             f"data mode {'finetune' if cfg.finetune.tasks else data_mode(cfg)} | train samples {len(train_ds):,} | "
             f"global batch "

@@ -264,3 +264,63 @@ def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, tok_model, m
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # no process of the group is left
+
+
+def test_several_images_per_sample(vl_images, tok):
+    """data.images_per_sample=2: two image-caption pairs per row, each image docked into its own S slots right
+    after its own <image> marker, both captions counted (in order), never a slot or a marker."""
+    ds = dataset(vl_images, tok, n=8, seq_length=64, images_per_sample=2)
+    assert len(ds) == 8 and len(ds.order) == 16
+    x = ds[3]
+    (s0, r0), (s1, r1) = ds.order[6], ds.order[7]  # row i draws order[2i], order[2i+1]
+    src = ds.sources
+    assert x["images"].shape == (2, 3, 16, 16)
+    from data_tools.vl_samples import load_image
+
+    assert np.array_equal(x["images"][0], load_image(src[s0].images[r0], 16))
+    assert np.array_equal(x["images"][1], load_image(src[s1].images[r1], 16))
+    dst = x["image_dst"]
+    assert len(dst) == 32
+    first, second = dst[:16], dst[16:]
+    assert (np.diff(first) == 1).all() and (np.diff(second) == 1).all()
+    assert x["tokens"][first[0] - 1] == tok.ids.image and x["tokens"][second[0] - 1] == tok.ids.image
+    assert x["tokens"][first[-1] + 1] == tok.ids.image_end and x["tokens"][second[-1] + 1] == tok.ids.image_end
+    cap1 = tok.encode(src[s0].captions[r0])
+    # between the first </image> and the second <image>: exactly the first caption
+    assert x["tokens"][first[-1] + 2:second[0] - 1].tolist() == cap1
+    counted = x["labels"][x["loss_mask"] == 1].tolist()
+    assert counted[:len(cap1)] == cap1 and counted[-1] == tok.ids.eos
+    assert tok.decode(counted[len(cap1):-1]) == src[s1].captions[r1]
+    assert not set(counted) & {tok.ids.image, tok.ids.image_end}
+    slots = np.concatenate([first, second])
+    assert (x["loss_mask"][slots] == 0).all() and (x["loss_mask"][slots - 1] == 0).all()
+
+
+@pytest.mark.slow
+def test_zero3_frozen_vision_encoder_with_two_images_per_sample(tmp_path, tok_model, moby_prefix, vl_images):
+    """ZeRO-3 over 2 ranks = one process accumulating the same 2 micro-batches, on rows of 2 images each with
+    `model.freeze_vision=true`: the vision encoder never changes (bitwise, at every checkpoint), its connector and
+    the decoder train, and the log names what is frozen."""
+    from pretrain.convert import read_checkpoint
+
+    common = [*VL, f"data.image_path=[{vl_images}/shapes]", "data.images_per_sample=2", "model.freeze_vision=true",
+              "data.workers=0", "checkpoint.save_interval=1"]
+    launch(tmp_path / "one", tok_model, moby_prefix, *common, "parallel.deepspeed=zero0", "parallel.grad_accum=2",
+           steps=2)
+    launch(tmp_path / "z3", tok_model, moby_prefix, *common, "parallel.deepspeed=zero3", nproc=2, steps=2)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "z3")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    assert "in the frozen vision encoder" in open(tmp_path / "z3" / "train.log").read()
+    _, at1, _ = read_checkpoint(str(tmp_path / "z3" / "checkpoints" / "step_00000001"))
+    _, at2, info = read_checkpoint(str(tmp_path / "z3" / "checkpoints" / "step_00000002"))
+    _, ref = final_weights(tmp_path / "one")
+    assert "ZeRO-3" in info["read_from"] and at2.keys() == at1.keys()
+    vision = [k for k in at2 if k.startswith("vision.")]
+    assert len(vision) > 10
+    for k in vision:  # frozen: as initialised (the zero0 run starts from the same seed)
+        assert torch.equal(at1[k], at2[k]) and torch.equal(at2[k], ref[k].float()), k
+    for part in ("vision_connector.", "decoder."):
+        keys = [k for k in at2 if k.startswith(part)]
+        assert keys and all(not torch.equal(at1[k], at2[k]) for k in keys if at2[k].ndim == 2), part
