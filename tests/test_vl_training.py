@@ -12,6 +12,7 @@ import torch
 from data_tools.datasets import MicroBatches
 from data_tools.image_text import ImageSampleConfig, ImageTextDataset, MixedRows, VQA_PROMPT
 from data_tools.images import Record, write_dataset
+from data_tools.vl_samples import load_image
 from tests.test_train import final_weights, launch, losses
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
@@ -275,8 +276,6 @@ def test_several_images_per_sample(vl_images, tok):
     (s0, r0), (s1, r1) = ds.order[6], ds.order[7]  # row i draws order[2i], order[2i+1]
     src = ds.sources
     assert x["images"].shape == (2, 3, 16, 16)
-    from data_tools.vl_samples import load_image
-
     assert np.array_equal(x["images"][0], load_image(src[s0].images[r0], 16))
     assert np.array_equal(x["images"][1], load_image(src[s1].images[r1], 16))
     dst = x["image_dst"]
@@ -299,8 +298,8 @@ def test_several_images_per_sample(vl_images, tok):
 @pytest.mark.slow
 def test_zero3_frozen_vision_encoder_with_two_images_per_sample(tmp_path, tok_model, moby_prefix, vl_images):
     """ZeRO-3 over 2 ranks = one process accumulating the same 2 micro-batches, on rows of 2 images each with
-    `model.freeze_vision=true`: the vision encoder never changes (bitwise, at every checkpoint), its connector and
-    the decoder train, and the log names what is frozen."""
+    `model.freeze_vision=true`: the vision encoder does not change from step 1 to step 2 (bitwise) and is the same in
+    both runs, its connector and the decoder train, and the log names what is frozen."""
     from pretrain.convert import read_checkpoint
 
     common = [*VL, f"data.image_path=[{vl_images}/shapes]", "data.images_per_sample=2", "model.freeze_vision=true",
@@ -319,7 +318,7 @@ def test_zero3_frozen_vision_encoder_with_two_images_per_sample(tmp_path, tok_mo
     assert "ZeRO-3" in info["read_from"] and at2.keys() == at1.keys()
     vision = [k for k in at2 if k.startswith("vision.")]
     assert len(vision) > 10
-    for k in vision:  # frozen: as initialised (the zero0 run starts from the same seed)
+    for k in vision:  # unchanged by step 2's update, and identical in the one-process run (same seed, also frozen)
         assert torch.equal(at1[k], at2[k]) and torch.equal(at2[k], ref[k].float()), k
     for part in ("vision_connector.", "decoder."):
         keys = [k for k in at2 if k.startswith(part)]
