@@ -21,6 +21,10 @@ OVERRIDES ?=
 PROMPT ?= It is a truth universally acknowledged that
 FT_STEPS ?= 80
 VL_STEPS ?= 2000
+# BIG-Bench Hard for the optional tasks of demo/compare: this workplace's copy beside the project when it is there;
+# elsewhere set METALM_BBH to a BIG-Bench-Hard checkout (and METALM_BIGBENCH to a BIG-bench one), or leave them
+# unset and those tasks are skipped with the reason
+export METALM_BBH ?= $(abspath $(wildcard ../shared/data/bbh))
 
 .PHONY: setup demo test bench compare vl clean
 

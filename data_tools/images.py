@@ -40,6 +40,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from data_tools import packages
+from data_tools.bigbench import Locations
 from data_tools.cli import UserError, run_cli
 from data_tools.packages import DEFAULT_CACHE
 
@@ -308,7 +309,8 @@ def write_dataset(name: str, records: Iterator[Record], out_dir: str, meta: dict
 
 
 def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, limit: int = 0, shard_size: int = 2000,
-          log: Callable = print) -> str:
+          log: Callable = print, where=None) -> str:
+    """`where`: a `data_tools.bigbench.Locations` for cifar10 (default: the environment variables)."""
     if name not in SOURCES:
         raise UserError(f"unknown image source {name!r} (known: {', '.join(SOURCES)})")
     dest = os.path.join(out_dir, name)
@@ -319,9 +321,10 @@ def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, limit: int = 
             return dest
     src = SOURCES[name]
     if src.registry == "bigbench":
-        from data_tools.tasks import bigbench_task_file
+        from data_tools.bigbench import bigbench_task_file
+        from data_tools.tasks import SDIST_KEEP
 
-        archive = bigbench_task_file(CIFAR_TASK, cache_dir)
+        archive = bigbench_task_file(CIFAR_TASK, cache_dir, where, keep=SDIST_KEEP).path
     else:
         archive = packages.download(src.registry, src.package, cache_dir)
     skipped: dict = {}
@@ -407,6 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--limit", type=int, default=0, help="at most N images per source (0: all)")
     f.add_argument("--shard-size", type=int, default=2000)
     f.add_argument("--cache", default=DEFAULT_CACHE)
+    f.add_argument("--bigbench", metavar="DIR", help="cifar10: a local BIG-bench checkout or benchmark_tasks folder "
+                   "(default: $METALM_BIGBENCH)")
+    f.add_argument("--bigbench-url", metavar="URL", help="cifar10: base URL of BIG-bench's benchmark_tasks "
+                   "(default: $METALM_BIGBENCH_URL)")
     i = sub.add_parser("inspect", help="counts, image sizes, a contact sheet")
     i.add_argument("dir")
     i.add_argument("--sheet", default=None, help="write a contact sheet PNG here (default: DIR/contact_sheet.png)")
@@ -414,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "fetch":
         names = list(DEFAULT_SOURCES) if args.name == "all" else args.name.split(",")
         for n in names:
-            fetch(n, args.out, args.cache, args.limit, args.shard_size)
+            fetch(n, args.out, args.cache, args.limit, args.shard_size,
+                  where=Locations.resolve(bigbench=args.bigbench, bigbench_url=args.bigbench_url))
     else:
         print(inspect(args.dir, args.sheet or os.path.join(args.dir, "contact_sheet.png")))
     return 0

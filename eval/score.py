@@ -133,7 +133,7 @@ def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequen
     dec_limit, enc_limit = limits(cfg, max_encoder_length)
     records = []
     for name in tasks:
-        task = get_task(name)
+        task = get_task(name, scored=True)
         items = load_split(data_dir, name, split)[:limit]
         pool = load_split(data_dir, name, "train") if max(shots) > 0 else []
         for placement in placements:
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--shots: must be >= 0")
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         for t in tasks:
-            get_task(t)
+            get_task(t, scored=True)
         model, cfg, tok, info = load_model(args.model)
         name = args.name or model_name(args.model)
         meta = {"model": name, "model_path": os.path.abspath(args.model), "step": info.get("step"),

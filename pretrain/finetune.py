@@ -165,7 +165,7 @@ def build_task_rows(cfg, tok, num_rows: int, placement: str) -> TaskRows:
     from data_tools.tasks import get_task, load_split
 
     f = cfg.finetune
-    tasks = [get_task(t) for t in f.tasks]
+    tasks = [get_task(t, scored=True) for t in f.tasks]
     T = cfg.data.seq_length
     enc_limit = T  # an example (its encoder piece docked into decoder slots) fits one row, cut from the left
     seqs = []
@@ -215,14 +215,16 @@ def validate_config(cfg, pipeline: bool) -> None:
         raise ConfigError("finetune.tasks: finetuning is not available under pipeline parallelism (parallel.pp=1)")
     try:
         for t in f.tasks:
-            get_task(t)
+            get_task(t, scored=True)
         mode = resolve_mode(f.mode, cfg.model.encoder is not None)
         resolve_placement(f.placement, cfg.model.encoder is not None, mode)
     except (UserError, ValueError) as e:
         raise ConfigError(f"finetune: {e}") from None
+    from data_tools.tasks import task_dir
+
     for t in f.tasks:
-        if not os.path.isfile(os.path.join(f.data_dir, t, "train.jsonl")):
-            raise ConfigError(f"finetune.data_dir: {os.path.join(f.data_dir, t, 'train.jsonl')} not found (run "
+        if not os.path.isfile(os.path.join(task_dir(f.data_dir, t), "train.jsonl")):
+            raise ConfigError(f"finetune.data_dir: {os.path.join(task_dir(f.data_dir, t), 'train.jsonl')} not found (run "
                               f"`python -m data_tools.tasks fetch --name {t} --out {f.data_dir}`)")
     if f.pack and not cfg.model.document_mask:
         cfg.model.document_mask = True  # packed examples must not see each other

@@ -164,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--single", default="spam", help="the single-task finetuning task")
     p.add_argument("--multitask", default="spam,polarity,finefoods,presuppositions_as_nli",
                    help="multitask finetuning tasks")
-    p.add_argument("--held-out", default="social_iqa,winowhy", help="tasks for in-context accuracy after multitask")
+    p.add_argument("--held-out", default="bbh:sports_understanding,bbh:web_of_lies",
+                   help="tasks for in-context accuracy after multitask (until 2026-12 BIG-bench's social_iqa,winowhy; "
+                        "the package index no longer serves BIG-bench)")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the tables and plot from WORK/results/compare.json (compute figures recomputed)")
     args = p.parse_args(argv)
@@ -172,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = os.path.join(os.path.abspath(args.work), "results")
         out = json.load(open(os.path.join(res, "compare.json")))
         out["compute"] = compute_table(out["settings"], args.nproc)
-        print(write_report(out, args.single, args.held_out.split(","), res))
+        print(write_report(out, args.single, out.get("held_out", args.held_out.split(",")), res))
         return 0
     P = dict(PRESETS[args.preset])
     if args.steps:
@@ -192,10 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         run([sys.executable, "-m", "data_tools.demo", "--work", work, "--seq-length", "512", "--samples", "0"],
             os.path.join(work, "logs", "data.log"))
     task_dir = os.path.join(work, "tasks")
-    from data_tools.tasks import fetch
+    from data_tools.tasks import fetch_available
 
-    for t in sorted({single, *multi, *held}):
-        fetch(t, task_dir, log=lambda *a, **k: None)
+    # BIG-bench / BIG-Bench Hard tasks are optional: where their source is not reachable they are left out, and
+    # the report says which and why (a required task that cannot be fetched still fails)
+    _, skipped = fetch_available(sorted({single, *multi, *held}), task_dir, log=lambda *a, **k: None)
+    for t, why in skipped.items():
+        log(f"optional task {t} skipped: {why}")
+    if single in skipped:
+        raise SystemExit(f"error: the single-task finetuning task {single} is not reachable: {skipped[single]}")
+    multi, held = [t for t in multi if t not in skipped], [t for t in held if t not in skipped]
+    if not multi:
+        raise SystemExit(f"error: no multitask finetuning task is reachable ({'; '.join(skipped.values())})")
+    out.update(multitask_tasks=multi, held_out=held, skipped_tasks=skipped)
     tok_model = os.path.join(work, "tokenizer", "spm.model")
     data = os.path.join(work, "data", "corpus_text_document")
 
@@ -311,7 +322,12 @@ def markdown(out: dict, single: str, held: list[str]) -> str:
     P = out["settings"]
     s, pre = out["single"], out["pretrained"]
     lines = [f"Comparison of {out['date']} (`{out['command']}`; {out['seeds']} finetuning seeds, mean ± sd; "
-             f"{out['seconds'] / 60:.0f} min)", "",
+             f"{out['seconds'] / 60:.0f} min)", ""]
+    if out.get("multitask_tasks"):
+        lines += [f"Multitask finetuning on {', '.join(out['multitask_tasks'])}; held-out "
+                  f"{', '.join(out.get('held_out', held)) or 'none'}."]
+    lines += [f"Optional task {t} skipped: {why}." for t, why in out.get("skipped_tasks", {}).items()]
+    lines += ([""] if len(lines) > 2 else []) + [
              "| | MetaLM (semi-causal) | GPT (causal) |", "|---|---|---|",
              f"| validation perplexity (causal view) | {pre['metalm']['perplexity']:.1f} | "
              f"{pre['gpt']['perplexity']:.1f} |"]
