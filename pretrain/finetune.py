@@ -207,7 +207,7 @@ class Validation:
 def validate_config(cfg, pipeline: bool) -> None:
     """Finetuning settings that need the files: tasks known and fetched, mode and placement fit the model."""
     from data_tools.cli import UserError
-    from data_tools.tasks import get_task
+    from data_tools.tasks import get_task, task_dir
     from pretrain.config import ConfigError
 
     f = cfg.finetune
@@ -220,11 +220,10 @@ def validate_config(cfg, pipeline: bool) -> None:
         resolve_placement(f.placement, cfg.model.encoder is not None, mode)
     except (UserError, ValueError) as e:
         raise ConfigError(f"finetune: {e}") from None
-    from data_tools.tasks import task_dir
-
     for t in f.tasks:
-        if not os.path.isfile(os.path.join(task_dir(f.data_dir, t), "train.jsonl")):
-            raise ConfigError(f"finetune.data_dir: {os.path.join(task_dir(f.data_dir, t), 'train.jsonl')} not found (run "
+        train = os.path.join(task_dir(f.data_dir, t), "train.jsonl")
+        if not os.path.isfile(train):
+            raise ConfigError(f"finetune.data_dir: {train} not found (run "
                               f"`python -m data_tools.tasks fetch --name {t} --out {f.data_dir}`)")
     if f.pack and not cfg.model.document_mask:
         cfg.model.document_mask = True  # packed examples must not see each other
