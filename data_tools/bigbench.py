@@ -193,9 +193,9 @@ def _sdist_fetch(task: str, sub: str, keep: tuple[str, ...]) -> str | None:
     served, why = sdist_served()
     if not served:
         return why
-    cache = os.path.dirname(os.path.dirname(sub))
-    os.makedirs(cache, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache, prefix=".bigbench-")
+    parent = os.path.dirname(os.path.dirname(sub))  # CACHE/pypi-sdist: the download unpacks beside its cache entry
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".bigbench-")
     try:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--no-build-isolation",
                         "--no-binary", ":all:", BIGBENCH_SDIST, "-d", os.path.join(tmp, "dl")], cwd=tmp,
