@@ -19,6 +19,8 @@ Protocol (METHOD.md §5, scaled down):
   `--held-out` tasks (MetaLM: demonstrations and query through the encoder, the paper's combination; GPT: causal),
   compared with the same pretrained model before finetuning.
 - Compute: trainable parameters and FLOPs per finetuning step for each arm (`finetune_flops`).
+- Task sources: BIG-bench and BIG-Bench Hard tasks are optional (`data_tools.tasks.fetch_available`): one whose
+  source is not reachable is left out of the mixture or the held-out set, and compare.md says which and why.
 Writes WORK/results/compare.json (every number), compare.md (the tables) and compare.png; prints a summary.
 Every stage is cached in WORK (a finished run is not rerun), so an interrupted comparison continues.
 """
