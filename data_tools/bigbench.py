@@ -129,7 +129,8 @@ def _in_folder(root: str, candidates: list[str]) -> str | None:
     return next((os.path.join(root, c) for c in candidates if os.path.isfile(os.path.join(root, c))), None)
 
 
-def _read_json(path: str, what: str) -> dict:
+def read_task_json(path: str, what: str) -> dict:
+    """A BIG-bench / BBH task file: a JSON object with an `examples` list, or a UserError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -164,8 +165,11 @@ def _url_download(base: str, rel: str, dest: str) -> str | None:
     return None
 
 
-def _url_cache(cache: str, kind: str, base: str) -> str:
-    return os.path.join(cache, kind, hashlib.sha256(base.rstrip("/").encode()).hexdigest()[:12])
+def _from_url(cache: str, kind: str, base: str, rel: str) -> tuple[TaskFile | None, str]:
+    """BASE/REL through a per-URL cache (CACHE/KIND/<sha of BASE>/REL): (the file, "") or (None, why not)."""
+    dest = os.path.join(cache, kind, hashlib.sha256(base.rstrip("/").encode()).hexdigest()[:12], rel)
+    why = None if os.path.isfile(dest) else _url_download(base, rel, dest)
+    return (TaskFile(dest, "repository URL"), "") if why is None else (None, why)
 
 
 def sdist_served(index_cmd: tuple[str, ...] = (sys.executable, "-m", "pip", "index", "versions", "bigbench")
@@ -239,11 +243,9 @@ def bigbench_task_file(task: str, cache: str, where: Locations | None = None,
         return TaskFile(os.path.join(sub, rel), f"{BIGBENCH_SDIST} sdist")
     # a URL the user named comes before the automatic sdist attempt (which may be a 358 MB download)
     if where.bigbench_url:
-        url_dest = os.path.join(_url_cache(cache, "bigbench-url", where.bigbench_url), rel)
-        why = None if os.path.isfile(url_dest) else _url_download(where.bigbench_url, rel, url_dest)
-        if why is None:
-            return TaskFile(url_dest, "repository URL")
-        url_why = why
+        found, url_why = _from_url(cache, "bigbench-url", where.bigbench_url, rel)
+        if found:
+            return found
     else:
         url_why = (f"not tried (--bigbench-url URL or {BIGBENCH_URL_ENV}=URL, e.g. {BIGBENCH_REPO_URL}, where the "
                    f"network allows)")
@@ -272,10 +274,9 @@ def bbh_task_file(task: str, cache: str, where: Locations | None = None) -> Task
     else:
         tried.append(f"none given (--bbh DIR or {BBH_ENV}=DIR: a BIG-Bench-Hard checkout or its bbh folder)")
     if where.bbh_url:
-        dest = os.path.join(_url_cache(cache, "bbh-url", where.bbh_url), rel)
-        why = None if os.path.isfile(dest) else _url_download(where.bbh_url, rel, dest)
-        if why is None:
-            return TaskFile(dest, "repository URL")
+        found, why = _from_url(cache, "bbh-url", where.bbh_url, rel)
+        if found:
+            return found
         tried.append(why)
     else:
         tried.append(f"not tried (--bbh-url URL or {BBH_URL_ENV}=URL, e.g. {BBH_REPO_URL}, where the network "
@@ -295,7 +296,7 @@ def parse_bbh(task: str, path: str, skip) -> list[dict]:
     `options`) or generative (`target`). An item whose target does not fit its task's kind is skipped by id."""
     kind = BBH_TASKS[task]
     items = []
-    for n, ex in enumerate(_read_json(path, "BIG-Bench Hard task")["examples"]):
+    for n, ex in enumerate(read_task_json(path, "BIG-Bench Hard task")["examples"]):
         item_id = f"{task}/{n}"
         text, target = ex.get("input"), ex.get("target")
         if not isinstance(text, str) or not isinstance(target, str):

@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from data_tools import packages
-from data_tools.bigbench import Locations
+from data_tools.bigbench import Locations, bigbench_task_file
 from data_tools.cli import UserError, run_cli
 from data_tools.packages import DEFAULT_CACHE
 
@@ -321,7 +321,6 @@ def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, limit: int = 
             return dest
     src = SOURCES[name]
     if src.registry == "bigbench":
-        from data_tools.bigbench import bigbench_task_file
         from data_tools.tasks import SDIST_KEEP
 
         archive = bigbench_task_file(CIFAR_TASK, cache_dir, where, keep=SDIST_KEEP).path

@@ -57,7 +57,7 @@ import numpy as np
 from data_tools import packages
 from data_tools.bigbench import (BBH_LICENCE, BBH_TASKS, BIGBENCH_SDIST, GENERATIVE, LETTERS, Locations,
                                  SourceUnavailable, add_location_args, bbh_task_file, bigbench_task_file,
-                                 locations_from_args, parse_bbh)
+                                 locations_from_args, parse_bbh, read_task_json)
 from data_tools.cli import UserError, run_cli
 from data_tools.packages import DEFAULT_CACHE
 
@@ -324,10 +324,7 @@ def parse_bigbench(task: str, data: dict, out: Fetched) -> None:
 
 def fetch_bigbench(task: str, cache: str, where: Locations | None = None) -> Fetched:
     found = bigbench_task_file(task, cache, where, keep=SDIST_KEEP)
-    try:
-        data = json.load(open(found.path, encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{found.path}: not a BIG-bench task file ({e})") from None
+    data = read_task_json(found.path, "BIG-bench task")
     package = f"{BIGBENCH_SDIST} (benchmark_tasks/{task}/task.json)" if found.origin.endswith("sdist") else \
         f"BIG-bench benchmark_tasks/{task}/task.json ({found.origin})"
     out = Fetched([], package, "Apache 2.0 (BIG-bench)", packages.sha256(found.path), fractions=(0.6, 0.2, 0.2))
