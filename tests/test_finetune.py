@@ -5,6 +5,7 @@ import glob
 import os
 
 import numpy as np
+import parity
 import pytest
 import torch
 
@@ -201,10 +202,13 @@ def test_gpt_baseline_finetunes_all_decoder_parameters(tmp_path, task_dir, tok_m
     _, after = final_weights(tmp_path / "ft")
     dec = [k for k in sd if k.startswith("decoder.")]
     assert all(not torch.equal(sd[k], after[k]) for k in dec if "norm" not in k)
+    inputs = parity.inputs_digest(tok_model, moby_prefix, parity.tree(task_dir / "spam", task_dir / "polarity"))
+    parity.check("gpt_baseline", tmp_path / "gpt", inputs)
+    parity.check("finetune_decoder", tmp_path / "ft", inputs)
 
 
 @pytest.mark.slow
-def test_exact_resume_after_kill_9_while_finetuning(tmp_path, ft_base):
+def test_exact_resume_after_kill_9_while_finetuning(tmp_path, ft_base, tok_model, moby_prefix, task_dir):
     common = ["finetune.tasks=[spam,polarity]", "checkpoint.save_interval=2", "checkpoint.keep_last=5",
               "parallel.deepspeed=zero2", "logging.eval_interval=0"]
     run_ft(tmp_path / "straight", ft_base, *common, nproc=2, steps=6)
@@ -218,3 +222,6 @@ def test_exact_resume_after_kill_9_while_finetuning(tmp_path, ft_base):
     assert tag_a == tag_b == "step_00000006"
     for k in (k for k in wa if isinstance(wa[k], torch.Tensor)):
         assert torch.equal(wa[k], wb[k]), k
+    inputs = parity.inputs_digest(tok_model, moby_prefix, parity.tree(task_dir / "spam", task_dir / "polarity"))
+    parity.check("finetune_encoder_dp2", tmp_path / "straight", inputs)
+    parity.check("finetune_encoder_kill9_resume", tmp_path / "cut", inputs)

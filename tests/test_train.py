@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import parity
 from pretrain.checkpoint import COMPLETE, find_resume
 from pretrain.config import ConfigError, load_config
 
@@ -87,6 +88,7 @@ def test_tensor_parallel_2_matches_1(tmp_path, tok_model, moby_prefix):
     a, b = losses(tmp_path / "tp1"), losses(tmp_path / "tp2")
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    parity.check("metalm_tp2", tmp_path / "tp2", parity.inputs_digest(tok_model, moby_prefix))
 
 
 @pytest.mark.slow
@@ -108,6 +110,9 @@ def test_exact_resume_after_kill_9(tmp_path, tok_model, moby_prefix):
     assert len(tensors) > 20
     for k in tensors:
         assert torch.equal(wa[k], wb[k]), k
+    inputs = parity.inputs_digest(tok_model, moby_prefix)
+    parity.check("metalm_zero2_dp2", tmp_path / "straight", inputs)
+    parity.check("metalm_zero2_kill9_resume", tmp_path / "cut", inputs)
 
 
 def test_incomplete_checkpoint_is_never_resumed(tmp_path):
@@ -254,6 +259,7 @@ def test_pipeline_parallel_2_matches_1(tmp_path, tok_model, moby_prefix):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
     layer_files = [f for f in os.listdir(tmp_path / "pp2" / "checkpoints" / "step_00000004") if f.startswith("layer_")]
     assert len(layer_files) >= 5, "DeepSpeed's per-layer pipeline checkpoint"
+    parity.check("metalm_pp2", tmp_path / "pp2", parity.inputs_digest(tok_model, moby_prefix))
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import parity
 import pytest
 import torch
 
@@ -168,6 +169,8 @@ def test_mixed_training_resumes_exactly_after_kill_9_and_evaluates(tmp_path, tok
     assert len(vision) > 10
     for k in (k for k in wa if isinstance(wa[k], torch.Tensor)):
         assert torch.equal(wa[k], wb[k]), k
+    parity.check("vl_mixed_dp2", tmp_path / "straight",
+                 parity.inputs_digest(tok_model, moby_prefix, parity.tree(vl_images)))
     # the evaluation runs on the trained checkpoint and writes its reports
     from eval import vl
 
