@@ -22,7 +22,7 @@ def structure(B, L, device, seed=0):
     """Documents of ~L/2 tokens and bidirectional spans of 65..128 tokens covering ~25%, as in training."""
     import numpy as np
 
-    from pretrain.objective import SpanConfig, sample_rng, sample_spans
+    from data_tools.objective import SpanConfig, sample_rng, sample_spans
 
     docs = torch.zeros(B, L, dtype=torch.int32)
     spans = torch.full((B, L), -1, dtype=torch.int32)

@@ -29,7 +29,7 @@ def main() -> int:
     torch.set_num_threads(1)
     from bench.common import corpora_and_tokenizer
     from data_tools import datasets, preprocess, tokenizer
-    from pretrain.objective import collate
+    from data_tools.objective import collate
 
     inputs, model = corpora_and_tokenizer(args.work)
     tok = tokenizer.Tokenizer(model)

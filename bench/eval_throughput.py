@@ -26,7 +26,7 @@ import torch
 def build_model_dir(work: str) -> str:
     from bench.common import corpora_and_tokenizer
     from pretrain.config import TrainConfig
-    from pretrain.convert import write_consolidated
+    from pretrain.model_io import write_consolidated
     from pretrain.model.metalm import MetaLM
     from pretrain.parallel import init_distributed, init_model_parallel
 

@@ -89,7 +89,7 @@ def main() -> int:
     args = p.parse_args()
     from pretrain.config import preset
     from pretrain.model.metalm import MetaLM
-    from pretrain.objective import SampleConfig, build_sample, collate
+    from data_tools.objective import SampleConfig, build_sample, collate
     from pretrain.parallel import init_distributed, init_model_parallel
 
     init_distributed("gloo")

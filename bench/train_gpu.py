@@ -20,7 +20,7 @@ import torch
 
 
 def batch_for(cfg, mode: str, B: int, T: int, device):
-    from pretrain.objective import SampleConfig, SpanConfig, build_sample, collate
+    from data_tools.objective import SampleConfig, SpanConfig, build_sample, collate
 
     rng = np.random.default_rng(0)
     sc = SampleConfig(seq_length=T, mode=mode, spans=SpanConfig(span_length=min(128, T // 4)))

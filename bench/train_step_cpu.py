@@ -30,7 +30,7 @@ def main() -> int:
     from pretrain.config import load_config
     from pretrain.engine import build_engine
     from pretrain.model.metalm import MetaLM
-    from pretrain.objective import SampleConfig, build_sample, collate
+    from data_tools.objective import SampleConfig, build_sample, collate
     from pretrain.parallel import init_distributed, init_model_parallel
 
     init_distributed("gloo")

@@ -45,7 +45,7 @@ def train_rows(steps: int, micro_batch: int, seq: int) -> list[tuple[str, float]
     from data_tools.vl_samples import Pair, VLIds, build_vl_row, collate_vl
     from pretrain.config import preset
     from pretrain.model.metalm import MetaLM
-    from pretrain.objective import SampleConfig, build_sample, collate
+    from data_tools.objective import SampleConfig, build_sample, collate
     from pretrain.parallel import init_distributed, init_model_parallel
 
     init_distributed("gloo")

@@ -1,5 +1,5 @@
 """Training samples: megatron-core's GPTDataset (splits, weighted blending, cached sample indices) plus the
-semi-causal fields of `pretrain.objective`, in the batch contract of ARCHITECTURE.md.
+semi-causal fields of `data_tools.objective`, in the batch contract of ARCHITECTURE.md.
 
     python -m data_tools.datasets --data-path 1.0 data/corpus_text_document --tokenizer-model tok.model \\
         --seq-length 2048 --show 2
@@ -7,7 +7,7 @@ semi-causal fields of `pretrain.objective`, in the batch contract of ARCHITECTUR
 - Sample indices (document/sample/shuffle index, blending) are megatron-core's, cached as .npy under `cache_dir`
   keyed by megatron's hash of the dataset description, so datasets move between this project and Megatron-LM.
 - On top of each GPT sample (T+1 tokens), `SemiCausalDataset` derives per-token document ids from megatron's
-  sample index and the sequence lengths (not from token values), then `pretrain.objective.build_sample` samples
+  sample index and the sequence lengths (not from token values), then `data_tools.objective.build_sample` samples
   spans deterministically from (seed, global sample index).
 - `MicroBatches` cuts the sample stream into micro-batches for one data-parallel rank, starting from a
   consumed-samples count, so resuming needs only that number.
@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from data_tools.cli import UserError, check_dataset_prefix, run_cli
-from pretrain.objective import SampleConfig, SpanConfig, build_sample, collate
+from data_tools.objective import SampleConfig, SpanConfig, build_sample, collate
 
 
 @dataclass
@@ -37,7 +37,7 @@ class DataConfig:
     mode: str = "sclm"
     span_length: int = 128
     span_coverage: float = 0.25
-    max_spans: int = 0  # 0: no cap (pretrain/objective.py SpanConfig)
+    max_spans: int = 0  # 0: no cap (data_tools/objective.py SpanConfig)
     reset_position_ids: bool = False
     cache_dir: str | None = None  # default: <first dataset's directory>/index-cache
 
@@ -88,9 +88,7 @@ def build_gpt_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | N
     _check_splits_nonempty(prefixes, gcfg.split_matrix, num_samples)
     # megatron-core's BlendedDataset asks torch.distributed for the rank when it caches its indices; outside a
     # training job (CLI, tests) this gives it a one-process group, inside one the job's group is already there.
-    from pretrain.parallel import init_distributed
-
-    init_distributed("gloo")
+    one_process_group()
     import logging
 
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
@@ -98,6 +96,18 @@ def build_gpt_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | N
 
 
 SPLIT_NAMES = ("train", "valid", "test")
+
+
+def one_process_group(backend: str = "gloo", timeout_s: float = 600.0) -> None:
+    """A one-process torch.distributed group on an in-memory store, unless a group exists (pretrain.parallel's
+    `init_distributed` uses it when started without a launcher)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
 
 
 def _check_splits_nonempty(prefixes, split_matrix, num_samples) -> None:

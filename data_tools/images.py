@@ -393,7 +393,7 @@ def contact_sheet(rows: list[dict], path: str, cols: int = 6) -> None:
         ax.imshow(im.convert("RGBA") if im.mode in ("P", "LA", "RGBA") else im.convert("RGB"))
         cap = row["caption"] if len(row["caption"]) < 40 else row["caption"][:37] + "..."
         ax.set_title(f"{row['source']}\n{cap}", fontsize=7)
-    from pretrain.plot import save_figure
+    from data_tools.durable import save_figure
 
     save_figure(fig, path)
 

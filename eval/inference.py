@@ -29,35 +29,15 @@ class ModelLoadError(ValueError):
 
 
 def load_model(path: str):
-    """(model, cfg, tokenizer, info) from a consolidated directory or a DeepSpeed checkpoint of pretrain.train."""
+    """(model, cfg, tokenizer, info) from a consolidated directory or a DeepSpeed checkpoint of pretrain.train
+    (pretrain.model_io.load, the one loader)."""
     from data_tools.cli import UserError
-    from data_tools.tokenizer import load_from_dir
-    from pretrain.convert import ConvertError, load_into, read_checkpoint, read_consolidated, resolve_tokenizer
-    from pretrain.parallel import init_distributed, init_model_parallel
+    from pretrain.model_io import ConvertError, load
 
-    if not os.path.isdir(path):
-        raise ModelLoadError(f"model not found: {path}")
     try:
-        if os.path.isfile(os.path.join(path, "metalm.json")):
-            cfg, sd, info = read_consolidated(path)
-            tok = load_from_dir(path)
-        else:
-            ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-            if not (os.path.isfile(os.path.join(ckpt, "latest")) or os.path.isfile(os.path.join(ckpt, "COMPLETE"))):
-                raise ModelLoadError(f"{path}: neither a consolidated model (metalm.json) nor a run / checkpoint "
-                                     "directory of pretrain.train (latest, COMPLETE)")
-            cfg, sd, info = read_checkpoint(ckpt)
-            tok = resolve_tokenizer(cfg)
-        init_distributed("gloo")
-        init_model_parallel(1, 1)
-        from pretrain.model.metalm import MetaLM
-
-        model = MetaLM(cfg.model)
-        load_into(model, sd)
+        return load(path)
     except (ConvertError, UserError) as e:
         raise ModelLoadError(str(e)) from None
-    info = dict(info, path=os.path.abspath(path))
-    return model.eval(), cfg, tok, info
 
 
 @contextlib.contextmanager

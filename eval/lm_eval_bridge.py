@@ -56,7 +56,9 @@ def make_task(name: str, data: str, out_dir: str) -> str:
 def as_hf_dir(model: str, scratch: str) -> str:
     if os.path.isfile(os.path.join(model, "config.json")):
         return model
-    if os.path.isfile(os.path.join(model, "metalm.json")):
+    from pretrain.model_io import CONSOLIDATED, locate
+
+    if locate(model)[0] == CONSOLIDATED:
         from pretrain.convert import export_hf
 
         return export_hf(model, os.path.join(scratch, "hf"))

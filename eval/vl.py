@@ -271,7 +271,7 @@ def plot(records: list[dict], path: str) -> None:
     ax.set_xlabel("image demonstrations (shots)")
     ax.set_ylabel("accuracy (mean ± sd over seeds)")
     ax.legend(fontsize=8)
-    from pretrain.plot import save_figure
+    from data_tools.durable import save_figure
 
     save_figure(fig, path)
 

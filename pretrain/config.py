@@ -277,7 +277,7 @@ class DataSection:
     mode: str = "auto"  # auto (sclm with a text encoder, gpt without) | sclm | gpt
     span_length: int = 128
     span_coverage: float = 0.25
-    max_spans: int = 0  # 0: no cap (pretrain/objective.py SpanConfig)
+    max_spans: int = 0  # 0: no cap (data_tools/objective.py SpanConfig)
     reset_position_ids: bool = False
     cache_dir: str = ""
     # vision-language (data_tools/image_text.py): image-text directories from `data_tools.images fetch`, as

@@ -233,7 +233,7 @@ def settings_from_init(cfg) -> None:
     """Finetuning from checkpoint.init_from with finetune.model_from_init: the model settings (and, when the config
     names none, the tokenizer) are the source's, so `checkpoint.init_from=DIR` is all a finetuning config needs."""
     from pretrain.config import ConfigError
-    from pretrain.convert import ConvertError, source_config
+    from pretrain.model_io import ConvertError, source_config
 
     f, init = cfg.finetune, cfg.checkpoint.init_from
     if not (f.tasks and init and f.model_from_init):

@@ -249,7 +249,7 @@ def _die_with_parent() -> None:
 
 def supervise(cmd: Sequence[str], env: dict, grace_s: float) -> int:
     """Run torchrun (or the deepspeed launcher) in its own session and own the grace period (module docstring).
-    Exits with the workers' own status when one reported it (pretrain.train.report_exit), else torchrun's."""
+    Exits with the workers' own status when one reported it (pretrain.exits.report_exit), else torchrun's."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="metalm-status-") as status_dir:

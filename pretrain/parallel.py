@@ -80,8 +80,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timedelta(seconds=timeout_s))
+        from data_tools.datasets import one_process_group
+
+        one_process_group(backend, timeout_s)
 
 
 def init_deepspeed_comm(backend: str | None = None) -> None:
@@ -107,6 +108,18 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def seed_everything(seed) -> None:
+    """Python, NumPy and torch generators (also DeepSpeed's per-layer seed_fn, which passes a NumPy integer that
+    Python 3.11's random.seed refuses)."""
+    import random
+
+    import numpy as np
+
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+    torch.manual_seed(int(seed))
 
 
 def tp_rank() -> int:

@@ -15,6 +15,7 @@ Legend: B batch, T length, d hidden.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -125,7 +126,7 @@ def build_pipeline_module(cfg: ModelConfig, pp: int, tp: int, dp: int, seed: int
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from pretrain.parallel import init_deepspeed_comm
+    from pretrain.parallel import init_deepspeed_comm, seed_everything
 
     init_deepspeed_comm()  # PipelineModule builds its process groups through deepspeed.comm
     if not cfg.tie_embeddings:
@@ -138,18 +139,7 @@ def build_pipeline_module(cfg: ModelConfig, pp: int, tp: int, dp: int, seed: int
     # megatron-core orders ranks tp fastest, then dp, then pp: the same as this topology's (pipe, data, model)
     topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     return PipelineModule(layers=layers, topology=topo, loss_fn=pipeline_loss, seed_layers=True, base_seed=seed,
-                          seed_fn=_seed, partition_method="type:BlockPipe", activation_checkpoint_interval=0)
-
-
-def _seed(seed) -> None:
-    """DeepSpeed passes base_seed + a numpy integer layer index, which Python 3.11's random.seed refuses."""
-    import random
-
-    import numpy as np
-
-    random.seed(int(seed))
-    np.random.seed(int(seed))
-    torch.manual_seed(int(seed))
+                          seed_fn=seed_everything, partition_method="type:BlockPipe", activation_checkpoint_interval=0)
 
 
 def pipeline_batches(micro_batches, keys: Sequence[str] = INPUT_KEYS):
@@ -158,3 +148,33 @@ def pipeline_batches(micro_batches, keys: Sequence[str] = INPUT_KEYS):
              "image_text": torch.zeros(0, 0, dtype=torch.int64), "image_segments": torch.zeros(0, 0, dtype=torch.int32)}
     for batch in micro_batches:  # text-only batches of a vision model (its text validation set): no images
         yield tuple(batch[k] if k in batch else empty[k] for k in keys), tuple(batch[k] for k in LABEL_KEYS)
+
+
+# ---- parameter names: pipeline layer files <-> MetaLM (pretrain/model_io.py reads and loads with these)
+def pipeline_to_metalm(layer: int, name: str, n_layers: int) -> str | None:
+    """Name in MetaLM of parameter `name` of pipeline layer `layer` (pretrain/pipeline.py's layout); None for the
+    tied output embedding (the same tensor as layer 0's)."""
+    if layer == 0:
+        return "decoder.embedding." + name.removeprefix("word.")
+    if layer == 1:
+        return name
+    if 2 <= layer < 2 + n_layers:
+        return f"decoder.stack.layers.{layer - 2}." + name.removeprefix("block.")
+    if layer == 2 + n_layers:
+        return "decoder.stack." + name
+    return None
+
+
+def metalm_to_pipeline(name: str, n_layers: int) -> tuple[int, str] | None:
+    if name.startswith("decoder.embedding."):
+        return 0, "word." + name.removeprefix("decoder.embedding.")
+    if name.startswith(("encoder.", "connector.", "vision.", "vision_connector.")):
+        return 1, name
+    m = re.match(r"decoder\.stack\.layers\.(\d+)\.(.*)", name)
+    if m:
+        return 2 + int(m.group(1)), "block." + m.group(2)
+    if name.startswith("decoder.stack.norm."):
+        return 2 + n_layers, name.removeprefix("decoder.stack.")
+    return None
+
+

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from data_tools.durable import save_figure
+
 
 def read_metrics(run_dir: str) -> tuple[list, list, list, list]:
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -63,18 +65,6 @@ def plot(run_dirs: Sequence[str], out: str, smooth: int = 10) -> str:
         ax.legend()
     save_figure(fig, out, dpi=120)
     return out
-
-
-def save_figure(fig, path: str, dpi: int = 100) -> None:
-    """Write a matplotlib figure atomically (temporary name, then rename) and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

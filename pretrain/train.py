@@ -281,7 +281,7 @@ def init_weights(cfg: TrainConfig, model) -> TrainState | None:
     position when the directory came from `pretrain.convert reshard`."""
     from megatron.core import parallel_state
 
-    from pretrain.convert import load_into, read_model
+    from pretrain.model_io import load_into, read_model
 
     src_cfg, sd, info = read_model(cfg.checkpoint.init_from)
     load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,
@@ -518,7 +518,7 @@ def setup(cfg: TrainConfig) -> Run:
     dp = dp_world()
     d = cfg.data
     if d.max_spans and data_mode(cfg) == "sclm" and rank == 0:
-        from pretrain.objective import SpanConfig, reached_coverage
+        from data_tools.objective import SpanConfig, reached_coverage
 
         spans = SpanConfig(d.span_length, d.span_coverage, d.max_spans)
         reached = reached_coverage(spans, d.seq_length)

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-EXIT_WATCHDOG = 4
+from pretrain.exits import EXIT_WATCHDOG, report_exit
 
 
 class Watchdog:
@@ -125,6 +125,4 @@ class Watchdog:
         except OSError:
             pass
         print(msg, file=sys.stderr, flush=True)
-        from pretrain.train import report_exit
-
         os._exit(report_exit(EXIT_WATCHDOG))

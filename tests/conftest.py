@@ -47,7 +47,7 @@ def moby_prefix(work, moby_jsonl, tok_model):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tok_model, moby_prefix):
     """The session's one tiny trained MetaLM: 4 steps, 2 processes, ZeRO-2; (run dir, consolidated dir)."""
-    from pretrain.convert import read_checkpoint, write_consolidated
+    from pretrain.model_io import read_checkpoint, write_consolidated
     from test_train import launch
 
     run = tmp_path_factory.mktemp("run")

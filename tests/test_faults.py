@@ -112,7 +112,7 @@ class FakeEngine:
 
 def test_checkpoint_save_is_durable_and_ordered(tmp_path, monkeypatch):
     from pretrain import checkpoint
-    from pretrain.convert import ConvertError, resolve_tag_dir
+    from pretrain.model_io import ConvertError, resolve_tag_dir
     from pretrain.parallel import init_distributed
 
     init_distributed("gloo")
@@ -373,7 +373,7 @@ def test_library_calls_leave_the_environment_alone(trained, tmp_path, moby_prefi
     """load_consolidated (a one-process group for evaluation) and the lm-eval bridge restore what they touch; the
     datasets CLI's default split works on a small dataset (135 documents); a consolidated directory without its
     weights is a named error."""
-    from pretrain.convert import ConvertError, load_consolidated, read_consolidated
+    from pretrain.model_io import ConvertError, load_consolidated, read_consolidated
 
     before = {k: os.environ.get(k) for k in ("LOCAL_RANK", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     load_consolidated(str(trained[1]))

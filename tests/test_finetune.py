@@ -12,7 +12,7 @@ import torch
 from data_tools.task_samples import Sequence
 from data_tools.datasets import blend_order
 from pretrain.finetune import TaskRows, apply_mode
-from pretrain.objective import collate
+from data_tools.objective import collate
 from test_train import final_weights, launch, losses
 
 
@@ -31,7 +31,7 @@ def run_ft(run_dir, base, *extra, steps=4, nproc=1, check=True):
 
 
 def consolidated_state(model_dir):
-    from pretrain.convert import read_consolidated
+    from pretrain.model_io import read_consolidated
 
     return read_consolidated(str(model_dir))[1]
 
@@ -58,7 +58,7 @@ def test_modes_select_the_trainable_parameters():
 
 
 def test_encoder_mode_keeps_the_decoder_bitwise_and_holds_no_optimizer_state_for_it(tmp_path, ft_base, trained):
-    from pretrain.convert import read_checkpoint
+    from pretrain.model_io import read_checkpoint
 
     # ZeRO-1: DeepSpeed does not list frozen parameters for zero_to_fp32 there; conversion must still find them
     run_ft(tmp_path, ft_base, "finetune.tasks=[spam]", "finetune.mode=encoder", "checkpoint.save_interval=4",
@@ -189,7 +189,7 @@ def test_validation_accuracy_best_checkpoint_and_score(tmp_path, ft_base, task_d
 
 
 def test_gpt_baseline_finetunes_all_decoder_parameters(tmp_path, task_dir, tok_model, moby_prefix):
-    from pretrain.convert import read_checkpoint, write_consolidated
+    from pretrain.model_io import read_checkpoint, write_consolidated
 
     launch(tmp_path / "gpt", tok_model, moby_prefix, "model.encoder=null", "checkpoint.save_interval=2", steps=2)
     cfg, sd, info = read_checkpoint(str(tmp_path / "gpt" / "checkpoints"))

@@ -372,7 +372,7 @@ def test_gqa_under_tensor_parallel_equals_one_process(tmp_path):
     import torch.multiprocessing as tmp
 
     import tp_worker
-    from pretrain.convert import load_consolidated
+    from pretrain.model_io import load_consolidated
     from test_train import free_port
 
     random_llama(tmp_path / "hf")

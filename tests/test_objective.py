@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pretrain.objective import SampleConfig, SpanConfig, build_sample, collate, sample_rng, sample_spans, \
+from data_tools.objective import SampleConfig, SpanConfig, build_sample, collate, sample_rng, sample_spans, \
     semi_causal_loss_mask
 
 L = 128
@@ -150,7 +150,7 @@ def test_long_sequences_keep_their_coverage():
     """No default cap on the span count: at T=8192, L=128 (62 candidate windows) coverage stays ~p."""
     import numpy as np
 
-    from pretrain.objective import SpanConfig, sample_rng, sample_spans
+    from data_tools.objective import SpanConfig, sample_rng, sample_spans
 
     cfg = SpanConfig(span_length=128, coverage=0.25)
     cov = [sum(e - s for s, e in sample_spans(np.zeros(8192, dtype=bool), cfg, sample_rng(1, i))) / 8191
@@ -158,6 +158,6 @@ def test_long_sequences_keep_their_coverage():
     assert min(cov) >= 0.25  # sampling stops only once coverage exceeds p (the last span may overshoot)
     capped = SpanConfig(span_length=128, coverage=0.25, max_spans=16)
     assert max(len(sample_spans(np.zeros(8192, dtype=bool), capped, sample_rng(1, i))) for i in range(20)) == 16
-    from pretrain.objective import reached_coverage  # what the trainer's warning reports when a cap binds
+    from data_tools.objective import reached_coverage  # what the trainer's warning reports when a cap binds
 
     assert reached_coverage(capped, 8192) < 0.2 < 0.25 <= reached_coverage(cfg, 8192)

@@ -303,7 +303,7 @@ def test_zero3_frozen_vision_encoder_with_two_images_per_sample(tmp_path, tok_mo
     """ZeRO-3 over 2 ranks = one process accumulating the same 2 micro-batches, on rows of 2 images each with
     `model.freeze_vision=true`: the vision encoder does not change from step 1 to step 2 (bitwise) and is the same in
     both runs, its connector and the decoder train, and the log names what is frozen."""
-    from pretrain.convert import read_checkpoint
+    from pretrain.model_io import read_checkpoint
 
     common = [*VL, f"data.image_path=[{vl_images}/shapes]", "data.images_per_sample=2", "model.freeze_vision=true",
               "data.workers=0", "checkpoint.save_interval=1"]

@@ -15,7 +15,7 @@ def small_config(**kw):
 
 
 def fixed_batch(T=256, B=2, span_length=32, vocab=512, seed=0):
-    from pretrain.objective import SampleConfig, SpanConfig, build_sample, collate
+    from data_tools.objective import SampleConfig, SpanConfig, build_sample, collate
 
     rng = np.random.default_rng(seed)
     sc = SampleConfig(seq_length=T, spans=SpanConfig(span_length=span_length))
@@ -125,7 +125,7 @@ def run_gqa_logits(rank: int, world: int, port: int, model_dir: str, out_dir: st
 
     init_distributed("gloo")
     init_model_parallel(tp=world, pp=1, seed=1)
-    from pretrain.convert import load_into, read_consolidated
+    from pretrain.model_io import load_into, read_consolidated
     from pretrain.model.metalm import MetaLM
 
     cfg, sd, _ = read_consolidated(model_dir)

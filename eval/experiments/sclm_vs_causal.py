@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = os.path.join(work, "data", "corpus_text_document")
 
     # ---- pretraining: the same tokens, steps, batch and seed for both arms
-    from pretrain.convert import read_checkpoint, resolve_tokenizer, write_consolidated
+    from pretrain.model_io import read_checkpoint, resolve_tokenizer, write_consolidated
 
     models = {}
     for arm, a in ARMS.items():

@@ -165,7 +165,7 @@ def plot(out: dict, path: str) -> None:
     ax.set_xlabel("image demonstrations (shots)")
     ax.set_ylabel(f"accuracy, mean ± sd over {len(out['seeds'])} seeds")
     ax.legend(fontsize=7)
-    from pretrain.plot import save_figure
+    from data_tools.durable import save_figure
 
     save_figure(fig, path)
 
