@@ -322,7 +322,8 @@ class TrainConfig:
     # a step is bad when any of its micro-batches had a non-finite loss (skipped, replaced by the next); this many
     # bad steps in a row, or this many non-finite micro-batches in a row inside one step, stop the run (exit 3)
     max_bad_steps: int = 5
-    fault_injection: dict = field(default_factory=dict)  # tests only: {"nan_at_steps": [..], "die_at_step": N}
+    # extra training callbacks (pretrain/callbacks.py): [{path: package.module.Class, keyword: value, ...}, ...]
+    callbacks: list = field(default_factory=list)
 
 
 

@@ -183,10 +183,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_config(train_args: Sequence[str], world: int | None) -> str | None:
-    """Validate the training config once, here, before any process is spawned (otherwise every rank prints the
-    same error, followed by torchrun's traceback). Returns the error line, None when it is fine."""
+    """Check the training config once, here, before any process is spawned: what every rank checks at start-up
+    (pretrain.checks.preflight: the config, each mode's paths and files, the tokenizer against model.vocab_size) and
+    whether the checkpoint to resume fits the layout. Otherwise every rank prints the same error, followed by
+    torchrun's report. Returns the error line, None when it is fine. `world` None (a hostfile: the runner knows
+    the world size) skips what needs it."""
+    from data_tools.cli import UserError
+    from pretrain.checks import preflight
     from pretrain.config import ConfigError, load_config
-    from pretrain.train import build_parser, validate
+    from pretrain.train import build_parser
 
     try:
         targs = build_parser().parse_args(list(train_args))
@@ -194,8 +199,8 @@ def check_config(train_args: Sequence[str], world: int | None) -> str | None:
         return f"bad arguments for pretrain.train (exit {e.code}): {' '.join(train_args)}"
     try:
         cfg = load_config(targs.config, targs.overrides)
+        preflight(cfg, world)
         if world is not None:
-            validate(cfg, world)
             from pretrain import checkpoint
             from pretrain.config import config_to_dict
 
@@ -203,7 +208,7 @@ def check_config(train_args: Sequence[str], world: int | None) -> str | None:
                                             log=lambda *a, **k: None)
             if resume and (why := checkpoint.layout_mismatch(resume, config_to_dict(cfg), world)):
                 return f"checkpoint.resume: {why}"
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, UserError) as e:
         return str(e)
     return None
 

@@ -9,7 +9,7 @@ Between stages travel `(hidden, position_ids, document_ids)`; each block builds 
 mask is SDPA's/flex's built-in causal path, so that costs nothing). Tied input/output embeddings are DeepSpeed's
 `TiedLayerSpec` (their gradients are all-reduced between the first and last stage).
 Layers are seeded per layer index (`seed_layers`), so a PP=2 model starts from the same weights as PP=1.
-Reuses the blocks, encoders, connector and docking of `pretrain.model` (no second copy of the math).
+Built from MetaLM's own pieces (`build_encoders`, `dock_encoders`, `Block`, `masked_mean_loss`): one assembly.
 
 Legend: B batch, T length, d hidden.
 """
@@ -23,10 +23,7 @@ import torch.nn as nn
 
 from pretrain.config import ModelConfig
 from pretrain.model.blocks import Block, RotaryEmbedding, init_normal, mp_config
-from pretrain.model.connector import build_connector
-from pretrain.model.decoder import dock
-from pretrain.model.encoders import TextEncoder, VisionEncoder
-from pretrain.model.metalm import decoder_mask, encode_images, encoder_mask
+from pretrain.model.metalm import build_encoders, decoder_mask, dock_encoders, masked_mean_loss
 from pretrain.parallel import import_mcore
 
 INPUT_KEYS = ("tokens", "position_ids", "document_ids", "enc_tokens", "enc_positions", "enc_segments", "dock_src",
@@ -62,33 +59,19 @@ def lm_head(module: EmbeddingPipe, h_BTd: torch.Tensor) -> torch.Tensor:
 
 
 class EncodeDockPipe(nn.Module):
-    """Text encoder + connector, vision encoder + connector, and their docking (stage 0). Without encoders it only
-    drops the encoder inputs."""
+    """Text encoder + connector, vision encoder + connector, and their docking (stage 0): MetaLM's own pieces
+    (`build_encoders`, `dock_encoders`). Without encoders it only drops the encoder inputs."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = TextEncoder(cfg) if cfg.encoder is not None else None
-        self.connector = (build_connector(cfg.connector, cfg.encoder.hidden, cfg.decoder.hidden)
-                          if cfg.encoder is not None else None)
-        self.vision = VisionEncoder(cfg.vision, cfg.init_std, cfg.vocab_size) if cfg.vision is not None else None
-        self.vision_connector = (build_connector(cfg.vision_connector, cfg.vision.stack.hidden, cfg.decoder.hidden,
-                                                 cfg.resampler_queries, cfg.decoder.heads)
-                                 if cfg.vision is not None else None)
-        if self.vision is not None and cfg.freeze_vision:
-            self.vision.requires_grad_(False)
+        build_encoders(self, cfg)
+        self.keys = input_keys(cfg)
 
     def forward(self, inputs):
-        x, position_ids, document_ids, enc_tokens, enc_positions, enc_segments, dock_src, dock_dst = inputs[:8]
-        if self.encoder is not None and enc_tokens.shape[1] > 0:
-            mask = encoder_mask(self.cfg, enc_segments)
-            feats = self.connector(self.encoder(enc_tokens, enc_positions, mask)).flatten(0, 1)
-            x = dock(x, feats.index_select(0, dock_src), dock_dst)
-        if self.vision is not None and inputs[8].shape[0] > 0:
-            images, image_dst, *prefix = inputs[8:]
-            feats = encode_images(self.cfg, self.vision, self.vision_connector, images, *prefix)
-            x = dock(x, feats, image_dst)
-        return x, position_ids, document_ids
+        x, position_ids, document_ids = inputs[:3]
+        batch = dict(zip(self.keys[3:], inputs[3:]))
+        return dock_encoders(self, x, batch), position_ids, document_ids
 
 
 class BlockPipe(nn.Module):
@@ -114,12 +97,8 @@ class FinalNormPipe(nn.Module):
 
 
 def pipeline_loss(logits_BTv: torch.Tensor, labels) -> torch.Tensor:
-    from pretrain.model.metalm import token_losses
-
     target, loss_mask = labels
-    losses = token_losses(logits_BTv, target)
-    mask = loss_mask.float()
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    return masked_mean_loss(logits_BTv, target, loss_mask)
 
 
 def build_pipeline_module(cfg: ModelConfig, pp: int, tp: int, dp: int, seed: int):

@@ -32,14 +32,14 @@ def test_consolidated_equals_live_engine(stage, tmp_path, tok_model, moby_prefix
     from pretrain.engine import build_engine
     from pretrain.model.metalm import MetaLM
     from pretrain.parallel import init_distributed, init_model_parallel
-    from pretrain.train import build_data
+    from pretrain.modes import pick_mode
 
     init_distributed("gloo")
     init_model_parallel(1, 1)
     cfg = small_cfg(tok_model, moby_prefix, tmp_path, f"parallel.deepspeed=zero{stage}")
     from data_tools.tokenizer import Tokenizer
 
-    train_ds, _ = build_data(cfg, Tokenizer(tok_model), 1)
+    train_ds, _ = pick_mode(cfg).build_data(cfg, Tokenizer(tok_model), 1)
     torch.manual_seed(0)
     engine = build_engine(cfg, MetaLM(cfg.model), 1)
     for _, batch in zip(range(2), MicroBatches(train_ds, 2)):
@@ -216,11 +216,12 @@ def test_paths_resolve_from_anywhere(trained, tmp_path, tok_model):
     import yaml
 
     from pretrain.config import load_config
-    from pretrain.train import absolute_paths
+    from pretrain.checks import absolute_paths
+    from pretrain.modes import pick_mode
 
     cfg = load_config(None, ["data.tokenizer_model=tok/spm.model", "data.data_path=[0.5, a/b, 0.5, /c/d]",
                              "run_dir=runs/x"])
-    absolute_paths(cfg)
+    absolute_paths(cfg, pick_mode(cfg))
     assert cfg.data.tokenizer_model == os.path.abspath("tok/spm.model") and cfg.run_dir == os.path.abspath("runs/x")
     assert cfg.data.data_path == [0.5, os.path.abspath("a/b"), 0.5, "/c/d"]
     run, _ = trained

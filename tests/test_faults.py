@@ -179,7 +179,7 @@ def test_launcher_owns_the_grace_period(tmp_path, tok_model, moby_prefix):
     assert int(tag[5:]) == max(losses(tmp_path / "ok"))
     # a save slower than the grace: the launcher says so and kills; the interrupted save is not marked complete
     proc = start(tmp_path / "slow", tok_model, moby_prefix, "checkpoint.save_interval=2",
-                 "fault_injection={slow_save_s: 30}", grace=2)
+                 "callbacks=[{path: tests.fault_injection.FaultInjection, slow_save_s: 30}]", grace=2)
     wait_steps(tmp_path / "slow", 2)
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
@@ -195,7 +195,7 @@ def test_launcher_owns_the_grace_period(tmp_path, tok_model, moby_prefix):
 def test_bad_steps_in_a_row_stop_the_run(tmp_path, tok_model, moby_prefix):
     cmd = [sys.executable, "-m", "pretrain.train", f"run_dir={tmp_path}", f"data.tokenizer_model={tok_model}",
            f"data.data_path=[{moby_prefix}]", "schedule.train_steps=8", *SMALL,
-           "fault_injection={nan_at_steps: [2, 3, 4]}", "max_bad_steps=3"]
+           "callbacks=[{path: tests.fault_injection.FaultInjection, nan_at_steps: [2, 3, 4]}]", "max_bad_steps=3"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env(), MASTER_PORT=str(free_port())), cwd=ROOT,
                        timeout=300)
     assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]

@@ -11,7 +11,8 @@ import torch
 
 from data_tools.task_samples import Sequence
 from data_tools.datasets import blend_order
-from pretrain.finetune import TaskRows, apply_mode
+from data_tools.task_rows import TaskRows
+from pretrain.modes.finetune import apply_mode
 from data_tools.objective import collate
 from test_train import final_weights, launch, losses
 
@@ -212,7 +213,7 @@ def test_exact_resume_after_kill_9_while_finetuning(tmp_path, ft_base, tok_model
     common = ["finetune.tasks=[spam,polarity]", "checkpoint.save_interval=2", "checkpoint.keep_last=5",
               "parallel.deepspeed=zero2", "logging.eval_interval=0"]
     run_ft(tmp_path / "straight", ft_base, *common, nproc=2, steps=6)
-    r = run_ft(tmp_path / "cut", ft_base, *common, "fault_injection={die_at_step: 5, die_rank: 1}", nproc=2, steps=6,
+    r = run_ft(tmp_path / "cut", ft_base, *common, "callbacks=[{path: tests.fault_injection.FaultInjection, die_at_step: 5, die_rank: 1}]", nproc=2, steps=6,
                check=False)
     assert r.returncode != 0 and not os.path.exists(tmp_path / "cut" / "checkpoints" / "step_00000006")
     run_ft(tmp_path / "cut", ft_base, *common, nproc=2, steps=6)

@@ -257,7 +257,7 @@ def test_megatron_flags_accepted_or_refused_by_name(tmp_path):
 
 def test_training_reads_the_recorded_tokenizer_and_refuses_another(tmp_path, tok_model):
     from pretrain.config import ConfigError, load_config
-    from pretrain.train import resolve_tokenizer
+    from pretrain.checks import resolve_tokenizer
 
     preprocess([str(FIX / "small.jsonl")], str(tmp_path / "d"), load_tokenizer(str(FIX / "hf_bpe3k")),
                append_eod=True, **QUIET)

@@ -95,7 +95,7 @@ def test_tensor_parallel_2_matches_1(tmp_path, tok_model, moby_prefix):
 def test_exact_resume_after_kill_9(tmp_path, tok_model, moby_prefix):
     common = ["parallel.deepspeed=zero2", "checkpoint.save_interval=4", "checkpoint.keep_last=5"]
     launch(tmp_path / "straight", tok_model, moby_prefix, *common, nproc=2, steps=8)
-    r = launch(tmp_path / "cut", tok_model, moby_prefix, *common, "fault_injection={die_at_step: 6, die_rank: 1}",
+    r = launch(tmp_path / "cut", tok_model, moby_prefix, *common, "callbacks=[{path: tests.fault_injection.FaultInjection, die_at_step: 6, die_rank: 1}]",
                nproc=2, steps=8, check=False)
     assert r.returncode != 0
     assert not os.path.exists(tmp_path / "cut" / "checkpoints" / "step_00000008")
@@ -151,7 +151,7 @@ def test_two_nodes_on_one_machine(tmp_path, tok_model, moby_prefix):
 @pytest.mark.slow
 def test_dead_rank_ends_the_job_with_its_name(tmp_path, tok_model, moby_prefix):
     t0 = time.time()
-    r = launch(tmp_path, tok_model, moby_prefix, "fault_injection={die_at_step: 2, die_rank: 1}", nproc=2,
+    r = launch(tmp_path, tok_model, moby_prefix, "callbacks=[{path: tests.fault_injection.FaultInjection, die_at_step: 2, die_rank: 1}]", nproc=2,
                check=False, timeout=120)
     assert r.returncode != 0 and time.time() - t0 < 120
     text = r.stdout + r.stderr
@@ -161,12 +161,12 @@ def test_dead_rank_ends_the_job_with_its_name(tmp_path, tok_model, moby_prefix):
 
 @pytest.mark.slow
 def test_nan_loss_skipped_then_k_in_a_row_stops(tmp_path, tok_model, moby_prefix):
-    launch(tmp_path / "one", tok_model, moby_prefix, "fault_injection={nan_at_steps: [3]}", nproc=2, steps=5)
+    launch(tmp_path / "one", tok_model, moby_prefix, "callbacks=[{path: tests.fault_injection.FaultInjection, nan_at_steps: [3]}]", nproc=2, steps=5)
     got = losses(tmp_path / "one")
     assert sorted(got) == [1, 2, 3, 4, 5]
     last = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")][-1]
     assert last["skipped"] == 1
-    r = launch(tmp_path / "many", tok_model, moby_prefix, "fault_injection={nan_at_steps: [3], nan_count: 3}", "max_bad_steps=3",
+    r = launch(tmp_path / "many", tok_model, moby_prefix, "callbacks=[{path: tests.fault_injection.FaultInjection, nan_at_steps: [3], nan_count: 3}]", "max_bad_steps=3",
                "checkpoint.save_interval=2", nproc=2, steps=6, check=False)
     assert r.returncode == 3  # the worker's own status, through torchrun and the launcher
     assert "3 non-finite losses in a row" in r.stdout + r.stderr
@@ -175,7 +175,7 @@ def test_nan_loss_skipped_then_k_in_a_row_stops(tmp_path, tok_model, moby_prefix
 
 
 def test_bad_configs_fail_fast_naming_the_field(tmp_path, tok_model, moby_prefix):
-    from pretrain.train import validate
+    from pretrain.checks import preflight as validate  # what every rank and the launcher check
 
     with pytest.raises(ConfigError, match="model.decoder.layerz: unknown key"):
         load_config(None, ["model.decoder.layerz=2"])
@@ -319,7 +319,10 @@ def test_bf16_trains(tmp_path, tok_model, moby_prefix):
 
 
 def test_validation_perplexity_is_the_causal_lm_view(tok_model, tok, moby_prefix, tmp_path):
-    from pretrain.train import build_data
+    from pretrain.modes import pick_mode
+
+    def build_data(cfg, tok, dp):
+        return pick_mode(cfg).build_data(cfg, tok, dp)
 
     cfg = load_config(None, [f"run_dir={tmp_path}", f"data.tokenizer_model={tok_model}",
                              f"data.data_path=[{moby_prefix}]", "logging.eval_iters=2", *SMALL[:-5]])
@@ -339,7 +342,7 @@ def test_validation_perplexity_is_the_causal_lm_view(tok_model, tok, moby_prefix
 def test_exact_resume_under_pipeline_parallelism(tmp_path, tok_model, moby_prefix):
     common = ["parallel.deepspeed=pipeline_zero1", "parallel.pp=2", "checkpoint.save_interval=3"]
     launch(tmp_path / "straight", tok_model, moby_prefix, *common, nproc=2, steps=6)
-    r = launch(tmp_path / "cut", tok_model, moby_prefix, *common, "fault_injection={die_at_step: 5, die_rank: 0}",
+    r = launch(tmp_path / "cut", tok_model, moby_prefix, *common, "callbacks=[{path: tests.fault_injection.FaultInjection, die_at_step: 5, die_rank: 0}]",
                nproc=2, steps=6, check=False)
     assert r.returncode != 0
     launch(tmp_path / "cut", tok_model, moby_prefix, *common, nproc=2, steps=6)

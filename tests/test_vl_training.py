@@ -157,7 +157,7 @@ def test_mixed_training_resumes_exactly_after_kill_9_and_evaluates(tmp_path, tok
     images = [f"data.image_path=[3, {vl_images}/shapes, 1, {vl_images}/plain]", "data.image_task=[vqa, caption]"]
     args = [*VL, *images, "data.workers=1"]  # one loader worker per rank: 2 cores, 2 ranks
     launch(tmp_path / "straight", tok_model, moby_prefix, *args, nproc=2, steps=4)
-    r = launch(tmp_path / "cut", tok_model, moby_prefix, *args, "fault_injection={die_at_step: 4, die_rank: 1}",
+    r = launch(tmp_path / "cut", tok_model, moby_prefix, *args, "callbacks=[{path: tests.fault_injection.FaultInjection, die_at_step: 4, die_rank: 1}]",
                nproc=2, steps=4, check=False)
     assert r.returncode != 0 and not os.path.exists(tmp_path / "cut" / "checkpoints" / "step_00000004")
     launch(tmp_path / "cut", tok_model, moby_prefix, *args, nproc=2, steps=4)  # resumes from step 2

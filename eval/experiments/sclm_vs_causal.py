@@ -93,7 +93,7 @@ def finetune_flops(model_cfg, mode: str, dec_tokens: float, enc_tokens: float) -
 def trainable_params(model_cfg, mode: str) -> int:
     import torch
 
-    from pretrain.finetune import trainable
+    from pretrain.modes.finetune import trainable
     from pretrain.parallel import init_distributed, init_model_parallel
 
     init_distributed("gloo")
@@ -114,7 +114,7 @@ def compute_table(P: dict, nproc: int) -> dict:
     for arm, a in ARMS.items():
         mc = MODEL_PRESETS[a["preset"]]()
         dec_tokens = rows_per_step * P["ft_seq_length"]
-        # a finetuning row's encoder row is as long as its decoder row (pretrain/finetune.py TaskRows)
+        # a finetuning row's encoder row is as long as its decoder row (data_tools/task_rows.py TaskRows)
         enc_tokens = dec_tokens if a["placement"] == "encoder" else 0.0
         out[arm] = {"trainable": trainable_params(mc, a["mode"]), "total": mc.param_count()["total"],
                     "flops_per_step": finetune_flops(mc, a["mode"], dec_tokens, enc_tokens)}

@@ -35,36 +35,19 @@ class MetaLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.decoder = Decoder(cfg)
-        self.encoder = TextEncoder(cfg) if cfg.encoder is not None else None
-        self.connector = (build_connector(cfg.connector, cfg.encoder.hidden, cfg.decoder.hidden)
-                          if cfg.encoder is not None else None)
-        self.vision = VisionEncoder(cfg.vision, cfg.init_std, cfg.vocab_size) if cfg.vision is not None else None
-        if self.vision is not None and cfg.freeze_vision:
-            self.vision.requires_grad_(False)
-        self.vision_connector = (build_connector(cfg.vision_connector, cfg.vision.stack.hidden, cfg.decoder.hidden,
-                                                 cfg.resampler_queries, cfg.decoder.heads)
-                                 if cfg.vision is not None else None)
+        build_encoders(self, cfg)
 
     # ---- forward ----
     def encode_spans(self, batch) -> torch.Tensor:
         """Connector output for every encoder position, flat [B*Te, d_dec]."""
-        mask = encoder_mask(self.cfg, batch["enc_segments"])
-        h = self.encoder(batch["enc_tokens"], batch["enc_positions"], mask)
-        return self.connector(h).flatten(0, 1)
+        return encode_spans(self, batch)
 
     def encode_images(self, images, text=None, segments=None) -> torch.Tensor:
         """Connector output for every image slot (and caption-prefix position), flat [M*(S or P+Lp), d_dec]."""
         return encode_images(self.cfg, self.vision, self.vision_connector, images, text, segments)
 
     def embed_and_dock(self, batch) -> torch.Tensor:
-        x = self.decoder.embed(batch["tokens"])
-        if self.encoder is not None and "enc_tokens" in batch and batch["enc_tokens"].shape[1] > 0:
-            feats = self.encode_spans(batch)
-            x = dock(x, feats.index_select(0, batch["dock_src"]), batch["dock_dst"])
-        if self.vision is not None and "images" in batch and batch["images"].shape[0] > 0:
-            feats = self.encode_images(batch["images"], batch.get("image_text"), batch.get("image_segments"))
-            x = dock(x, feats, batch["image_dst"])
-        return x
+        return dock_encoders(self, self.decoder.embed(batch["tokens"]), batch)
 
     def logits(self, batch, mask: AttentionMask | None = None, select_N: torch.Tensor | None = None) -> torch.Tensor:
         """Vocab-parallel logits [B, T, V/tp]; `mask` replaces the decoder mask built from `document_ids`
@@ -75,9 +58,49 @@ class MetaLM(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         """Scalar loss: mean cross entropy over the counted targets (loss_mask)."""
-        losses = token_losses(self.logits(batch), batch["labels"])
-        mask = batch["loss_mask"].float()
-        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+        return masked_mean_loss(self.logits(batch), batch["labels"], batch["loss_mask"])
+
+
+# ---- the pieces, shared with the pipeline stages of pretrain/pipeline.py (one assembly, two containers)
+def build_encoders(module: nn.Module, cfg: ModelConfig) -> None:
+    """The text encoder + connector and the vision encoder + vision connector as attributes of `module` (in this
+    order: it fixes the initialisation's random stream), or None where the model has no such encoder."""
+    module.encoder = TextEncoder(cfg) if cfg.encoder is not None else None
+    module.connector = (build_connector(cfg.connector, cfg.encoder.hidden, cfg.decoder.hidden)
+                        if cfg.encoder is not None else None)
+    module.vision = VisionEncoder(cfg.vision, cfg.init_std, cfg.vocab_size) if cfg.vision is not None else None
+    if module.vision is not None and cfg.freeze_vision:
+        module.vision.requires_grad_(False)
+    module.vision_connector = (build_connector(cfg.vision_connector, cfg.vision.stack.hidden, cfg.decoder.hidden,
+                                               cfg.resampler_queries, cfg.decoder.heads)
+                               if cfg.vision is not None else None)
+
+
+def encode_spans(module: nn.Module, batch) -> torch.Tensor:
+    """Text encoder + connector over the packed span row: flat [B*Te, d_dec]."""
+    mask = encoder_mask(module.cfg, batch["enc_segments"])
+    h = module.encoder(batch["enc_tokens"], batch["enc_positions"], mask)
+    return module.connector(h).flatten(0, 1)
+
+
+def dock_encoders(module: nn.Module, x_BTd: torch.Tensor, batch) -> torch.Tensor:
+    """Dock the encoders' outputs into the decoder inputs `x_BTd` (span tokens, image slots, caption prefixes);
+    batches without encoder inputs (a text validation set of a vision model) pass through."""
+    if module.encoder is not None and "enc_tokens" in batch and batch["enc_tokens"].shape[1] > 0:
+        feats = encode_spans(module, batch)
+        x_BTd = dock(x_BTd, feats.index_select(0, batch["dock_src"]), batch["dock_dst"])
+    if module.vision is not None and "images" in batch and batch["images"].shape[0] > 0:
+        feats = encode_images(module.cfg, module.vision, module.vision_connector, batch["images"],
+                              batch.get("image_text"), batch.get("image_segments"))
+        x_BTd = dock(x_BTd, feats, batch["image_dst"])
+    return x_BTd
+
+
+def masked_mean_loss(logits_BTv: torch.Tensor, labels_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the counted targets (METHOD.md's loss; the pipeline's loss_fn too)."""
+    losses = token_losses(logits_BTv, labels_BT)
+    mask = loss_mask_BT.float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def encode_images(cfg: ModelConfig, vision, connector, images, text=None, segments=None) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""What is checked before training starts, in one place: by every rank at start-up and once by the launcher
+before any process is spawned (`preflight`), so a bad config, a missing file or a tokenizer that does not fit the
+model is one `error:` line, not one per rank plus torchrun's report.
+
+- `check_config(cfg, world, mode)`: the checks that need the world size and the files (types and values were checked
+  when loading), then the mode's own (`mode.check`, pretrain/modes/).
+- `absolute_paths(cfg, mode)`: every path of the config made absolute, so the config saved with the run still
+  points at its files from anywhere.
+- `resolve_tokenizer(cfg)`: the run's tokenizer, written back into `cfg.data`; refuses a dataset made with another
+  one, and a tokenizer larger than `model.vocab_size`.
+"""
+from __future__ import annotations
+
+import os
+
+from pretrain.config import ConfigError, TrainConfig
+
+
+def uses_pipeline(cfg: TrainConfig) -> bool:
+    return cfg.parallel.pp > 1 or cfg.parallel.pipeline_engine
+
+
+def check_config(cfg: TrainConfig, world: int | None, mode) -> None:
+    """`world` None (a hostfile launch: the world size is known only to the runner) skips what needs it."""
+    p, m = cfg.parallel, cfg.model
+    for name, value in (("parallel.micro_batch", p.micro_batch), ("parallel.grad_accum", p.grad_accum),
+                        ("parallel.tp", p.tp), ("parallel.pp", p.pp),
+                        ("schedule.train_steps", cfg.schedule.train_steps)):
+        if value < 1:
+            raise ConfigError(f"{name}={value}: must be at least 1")
+    try:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir={cfg.run_dir}: cannot be created ({e.strerror})") from None
+    if not os.access(cfg.run_dir, os.W_OK):
+        raise ConfigError(f"run_dir={cfg.run_dir}: not writable")
+    if p.pp > m.decoder.layers:
+        raise ConfigError(f"parallel.pp={p.pp} exceeds model.decoder.layers={m.decoder.layers}")
+    if uses_pipeline(cfg) and not m.tie_embeddings:
+        raise ConfigError("parallel.pp>1 needs a model with tied embeddings (model.tie_embeddings=true)")
+    if world is not None and world % (p.tp * p.pp):
+        raise ConfigError(f"parallel: world size {world} is not divisible by tp*pp = {p.tp * p.pp}")
+    stacks = [("model.decoder", m.decoder)] + ([("model.encoder", m.encoder)] if m.encoder else [])
+    for name, s in stacks:
+        if s.heads % p.tp:
+            raise ConfigError(f"{name}.heads={s.heads} is not divisible by parallel.tp={p.tp}")
+        if s.kv_heads % p.tp:
+            raise ConfigError(f"{name}.kv_heads={s.kv_heads} is not divisible by parallel.tp={p.tp} (each rank "
+                              "holds whole key/value groups)")
+        if s.ffn_hidden % p.tp:
+            raise ConfigError(f"{name}.ffn_hidden={s.ffn_hidden} is not divisible by parallel.tp={p.tp}")
+    if m.vocab_size % p.tp:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
+    if cfg.data.seq_length > m.max_seq_length:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds model.max_seq_length={m.max_seq_length}")
+    mode.check(cfg, uses_pipeline(cfg))
+    d = cfg.data
+    for key in ("tokenizer_model", "vocab_file", "merge_file"):
+        path = getattr(d, key)
+        if path and not os.path.exists(path):
+            raise ConfigError(f"data.{key}: not found: {path}")
+    if world is not None:
+        from pretrain.engine import deepspeed_config
+
+        deepspeed_config(cfg, world // (p.tp * p.pp))  # the DeepSpeed JSON exists and agrees with the config
+    if cfg.optimizer.loss_normalization == "per_token" and uses_pipeline(cfg):
+        raise ConfigError("optimizer.loss_normalization=per_token: not available under pipeline parallelism "
+                          "(DeepSpeed's pipeline schedule averages the micro-batch losses itself)")
+    if cfg.logging.downstream_tasks and uses_pipeline(cfg):
+        raise ConfigError("logging.downstream_tasks: in-loop downstream evaluation is not available under pipeline "
+                          "parallelism (score a consolidated checkpoint with python -m eval.score instead)")
+
+
+def absolute_paths(cfg: TrainConfig, mode) -> None:
+    """Resolve the file paths of the config against the current directory, so the config saved with the run and its
+    checkpoints still points at them from anywhere (conversion, evaluation, resume from another directory)."""
+    d = cfg.data
+    for key in ("tokenizer_model", "vocab_file", "merge_file"):
+        if getattr(d, key):
+            setattr(d, key, os.path.abspath(getattr(d, key)))
+    from data_tools.datasets import parse_blend  # the one reader of Megatron's `prefix | w1 p1 w2 p2 ...` form
+
+    if d.data_path:
+        prefixes, weights = parse_blend(d.data_path)
+        prefixes = [os.path.abspath(p) for p in prefixes]
+        d.data_path = prefixes if weights is None else [x for wp in zip(weights, prefixes) for x in wp]
+    if d.cache_dir:
+        d.cache_dir = os.path.abspath(d.cache_dir)
+    if cfg.checkpoint.init_from:
+        cfg.checkpoint.init_from = os.path.abspath(cfg.checkpoint.init_from)
+    if cfg.logging.downstream_tasks:
+        cfg.logging.downstream_data = os.path.abspath(cfg.logging.downstream_data)
+    mode.absolute_paths(cfg)
+    cfg.run_dir = os.path.abspath(cfg.run_dir)
+
+
+def resolve_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer: the one `data.tokenizer_*` names, else the one preprocessing recorded beside the first
+    dataset (PREFIX.tokenizer.json). A dataset recorded with another tokenizer (other vocabulary size, or other
+    end-of-document / eos / bos id) is refused, and so is a tokenizer with more pieces than `model.vocab_size`. The
+    resolved type, files and eod id are written back into cfg.data, so the config saved with the run and its
+    checkpoints names the tokenizer exactly."""
+    from data_tools.cli import UserError
+    from data_tools.datasets import parse_blend
+    from data_tools.tokenizer import (dataset_tokenizer_spec, from_data_config, load_tokenizer_spec,
+                                      write_to_data_config)
+
+    d = cfg.data
+    prefixes, _ = parse_blend(d.data_path) if d.data_path else ([], None)
+    try:
+        recorded = [(p, s) for p in prefixes if (s := dataset_tokenizer_spec(p)) is not None]
+        if d.tokenizer_model or d.vocab_file:
+            tok = from_data_config(d)
+        elif recorded:
+            tok = load_tokenizer_spec(recorded[0][1])
+        else:
+            raise ConfigError("data.tokenizer_model: required (the datasets have no PREFIX.tokenizer.json naming "
+                              "their tokenizer)")
+    except UserError as e:
+        raise ConfigError(f"data.tokenizer_*: {e}") from None
+    for prefix, spec in recorded:
+        ids, mine = spec.get("ids", {}), vars(tok.ids)
+        diff = [f"{k} {ids[k]} vs {mine[k]}" for k in ("eod", "eos", "bos") if k in ids and ids[k] != mine[k]]
+        if spec.get("vocab_size") not in (None, tok.vocab_size):
+            diff.append(f"vocabulary {spec['vocab_size']} vs {tok.vocab_size}")
+        if diff:
+            raise ConfigError(f"dataset {prefix} was made with another tokenizer ({spec.get('type')} "
+                              f"{spec.get('model') or spec.get('vocab_file')}) than the configured one "
+                              f"({tok.describe()}): {', '.join(diff)}")
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size} ({tok.describe()})")
+    write_to_data_config(tok, d)
+    return tok
+
+
+def preflight(cfg: TrainConfig, world: int | None) -> None:
+    """Everything a rank checks at start-up that needs no process group: the launcher runs it once before
+    spawning. Raises ConfigError (or data_tools' UserError) with the one line to print."""
+    from pretrain.modes import pick_mode
+
+    mode = pick_mode(cfg)
+    mode.configure(cfg)
+    check_config(cfg, world, mode)
+    resolve_tokenizer(cfg)
