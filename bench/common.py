@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def corpora_and_tokenizer(work: str, vocab_size: int = 8000) -> tuple[list[str], str]:
     """(the corpus jsonl files, the SentencePiece model path), fetching and training once."""
-    from data_tools import corpora, tokenizer
+    from data_tools import corpora, tokenizer_train
 
     raw = os.path.join(work, "raw")
     for name in corpora.CORPORA:
@@ -17,5 +17,5 @@ def corpora_and_tokenizer(work: str, vocab_size: int = 8000) -> tuple[list[str],
     inputs = sorted(glob.glob(os.path.join(raw, "*.jsonl")))
     model = os.path.join(work, "spm.model")
     if not os.path.exists(model):
-        tokenizer.train_tokenizer(inputs, model[: -len(".model")], vocab_size=vocab_size)
+        tokenizer_train.train_tokenizer(inputs, model[: -len(".model")], vocab_size=vocab_size)
     return inputs, model

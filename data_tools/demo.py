@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=2, help="semi-causal samples to print")
     args = p.parse_args(argv)
 
-    from data_tools import corpora, datasets, inspect, preprocess, tokenizer
+    from data_tools import corpora, datasets, inspect, preprocess, tokenizer, tokenizer_train
 
     t0 = time.perf_counter()
     raw = os.path.join(args.work, "raw")
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n== 2. tokenizer (SentencePiece BPE with byte fallback)")
     model = os.path.join(args.work, "tokenizer", "spm.model")
     if not os.path.exists(model):
-        tokenizer.train_tokenizer(inputs, model[:-len(".model")], vocab_size=args.vocab_size)
+        tokenizer_train.train_tokenizer(inputs, model[:-len(".model")], vocab_size=args.vocab_size)
     tok = tokenizer.Tokenizer(model)
     print(f"{model}: vocab {tok.vocab_size}, ids {tok.ids}")
 

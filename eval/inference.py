@@ -17,7 +17,6 @@ Legend: B rows, T positions, S cached + new positions, V vocabulary.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 

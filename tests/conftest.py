@@ -23,7 +23,7 @@ def moby_jsonl(work):
 
 @pytest.fixture(scope="session")
 def tok_model(work, moby_jsonl):
-    from data_tools.tokenizer import train_tokenizer
+    from data_tools.tokenizer_train import train_tokenizer
 
     return train_tokenizer([moby_jsonl], str(work / "tok" / "spm"), vocab_size=1000)
 
