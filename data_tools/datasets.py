@@ -18,28 +18,13 @@ import argparse
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from data_tools.cli import UserError, check_dataset_prefix, run_cli
+from data_tools.data_config import DataConfig
 from data_tools.objective import SampleConfig, SpanConfig, build_sample, collate
-
-
-@dataclass
-class DataConfig:
-    """What the trainer's config tree holds about data (`data.*`)."""
-    data_path: list = field(default_factory=list)  # Megatron style: [w1, prefix1, w2, prefix2, ...] or [prefix]
-    split: str = "969,30,1"
-    seq_length: int = 2048
-    seed: int = 1234
-    mode: str = "sclm"
-    span_length: int = 128
-    span_coverage: float = 0.25
-    max_spans: int = 0  # 0: no cap (data_tools/objective.py SpanConfig)
-    reset_position_ids: bool = False
-    cache_dir: str | None = None  # default: <first dataset's directory>/index-cache
 
 
 def parse_blend(data_path: Sequence) -> tuple[list[str], list[float] | None]:
@@ -63,7 +48,7 @@ def parse_blend(data_path: Sequence) -> tuple[list[str], list[float] | None]:
     return prefixes, weights
 
 
-def build_gpt_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | None]):
+def build_gpt_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | None], seed: int = 1234):
     """[train, valid, test] GPT datasets (BlendedDataset when several prefixes) from megatron-core."""
     prefixes, weights = parse_blend(cfg.data_path)
     for p in prefixes:
@@ -74,7 +59,7 @@ def build_gpt_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | N
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     cache = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
     gcfg = GPTDatasetConfig(
-        random_seed=cfg.seed,
+        random_seed=seed,
         sequence_length=cfg.seq_length,
         blend=(prefixes, weights),
         split=cfg.split,
@@ -175,16 +160,25 @@ class SemiCausalDataset:
         return build_sample(text, doc_ids, idx, self.cfg)
 
 
-def sample_config(cfg: DataConfig, pad_id: int) -> SampleConfig:
+def resolved_mode(cfg: DataConfig) -> str:
+    """The data mode without a model to ask: `auto` is semi-causal (the trainer resolves it from the model)."""
+    return "sclm" if cfg.mode == "auto" else cfg.mode
+
+
+def sample_config(cfg: DataConfig, pad_id: int, seed: int = 1234, mode: str | None = None) -> SampleConfig:
     return SampleConfig(
-        seq_length=cfg.seq_length, mode=cfg.mode, seed=cfg.seed, pad_id=pad_id,
+        seq_length=cfg.seq_length, mode=mode or resolved_mode(cfg), seed=seed, pad_id=pad_id,
         reset_position_ids=cfg.reset_position_ids,
         spans=SpanConfig(span_length=cfg.span_length, coverage=cfg.span_coverage, max_spans=cfg.max_spans))
 
 
-def build_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | None]) -> list[SemiCausalDataset | None]:
-    scfg = sample_config(cfg, tokenizer.pad)
-    return [None if d is None else SemiCausalDataset(d, scfg) for d in build_gpt_datasets(cfg, tokenizer, num_samples)]
+def build_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | None], seed: int = 1234,
+                   mode: str | None = None) -> list[SemiCausalDataset | None]:
+    """[train, valid, test] of the batch contract; `seed` the run's (sample indices and spans), `mode` sclm | gpt
+    (default: the config's, `auto` meaning sclm)."""
+    scfg = sample_config(cfg, tokenizer.pad, seed, mode)
+    return [None if d is None else SemiCausalDataset(d, scfg)
+            for d in build_gpt_datasets(cfg, tokenizer, num_samples, seed)]
 
 
 def blend_order(sizes: Sequence[int], weights: Sequence[float], n: int, seed: int) -> list[tuple[int, int]]:
@@ -311,9 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if spec is None:
             raise UserError("--tokenizer-model: required (the dataset has no PREFIX.tokenizer.json)")
         tok = load_tokenizer_spec(spec)
-    cfg = DataConfig(data_path=args.data_path, split=args.split, seq_length=args.seq_length, seed=args.seed,
-                     mode=args.mode)
-    train, valid, test = build_datasets(cfg, tok, [args.train_samples, 10, 10])
+    cfg = DataConfig(data_path=args.data_path, split=args.split, seq_length=args.seq_length, mode=args.mode)
+    train, valid, test = build_datasets(cfg, tok, [args.train_samples, 10, 10], seed=args.seed)
     print(f"samples: train {len(train):,}, valid {len(valid) if valid else 0:,}, test {len(test) if test else 0:,} "
           f"(seq_length {args.seq_length}, encoder row {train.cfg.enc_length})")
     for i in range(args.show):

@@ -203,67 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {out} ({len(sd)} tensors from {info['read_from']}, step {info.get('step', '?')})")
         elif args.cmd == "export-hf":
             src = args.model
-            if os.path.isfile(os.path.join(src, "metalm.json")):
-                print(f"wrote {export_hf(src, args.out, args.dtype)}")
-            else:  # a checkpoint: consolidated into a temporary directory first, removed afterwards
-                import tempfile
-
-                cfg, sd, info = read_checkpoint(src)
-                with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.out)) or None) as tmp:
-                    cons = write_consolidated(os.path.join(tmp, "consolidated"), cfg, sd,
-                                              resolve_tokenizer(cfg, args.tokenizer_model), info)
-                    print(f"wrote {export_hf(cons, args.out, args.dtype)}")
-        else:
-            print(f"wrote {import_hf(args.hf, args.out, args.encoder_preset)}")
-    except (ConvertError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-# ---------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("consolidate", help="DeepSpeed checkpoint (any ZeRO stage, TP, PP) -> consolidated dir")
-    c.add_argument("--checkpoint", required=True, help="a checkpoint tag dir, or RUN/checkpoints (uses latest)")
-    c.add_argument("--out", required=True)
-    c.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    c.add_argument("--tokenizer-model", default="", help="override the tokenizer path saved in the run's config")
-    r = sub.add_parser("reshard", help="checkpoint -> weights + step + data position, for "
-                                      "checkpoint.init_from at another TP/PP/DP layout")
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("--out", required=True)
-    r.add_argument("--tokenizer-model", default="", help="override the tokenizer path saved in the run's config")
-    e = sub.add_parser("export-hf", help="consolidated dir (or checkpoint) -> LlamaForCausalLM directory")
-    e.add_argument("--model", required=True, help="a consolidated dir, or a checkpoint (consolidated first)")
-    e.add_argument("--out", required=True)
-    e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    e.add_argument("--tokenizer-model", default="", help="with a checkpoint: override the tokenizer path saved in "
-                   "the run's config")
-    i = sub.add_parser("import-hf", help="LlamaForCausalLM directory -> consolidated dir")
-    i.add_argument("--hf", required=True)
-    i.add_argument("--out", required=True)
-    i.add_argument("--encoder-preset", default="", help="add a fresh text encoder + connector of this preset")
-    args = p.parse_args(argv)
-    import warnings
-
-    from data_tools.cli import UserError
-
-    warnings.filterwarnings("ignore")
-    try:
-        if args.cmd in ("consolidate", "reshard"):
-            cfg, sd, info = read_checkpoint(args.checkpoint)
-            info["resume_position"] = args.cmd == "reshard"  # the trainer then keeps step and data position
-            out = write_consolidated(args.out, cfg, sd, resolve_tokenizer(cfg, args.tokenizer_model), info,
-                                     getattr(args, "dtype", "fp32"))
-            print(f"wrote {out} ({len(sd)} tensors from {info['read_from']}, step {info.get('step', '?')})")
-        elif args.cmd == "export-hf":
-            src = args.model
             from pretrain.model_io import CONSOLIDATED, locate
 
             if locate(src)[0] == CONSOLIDATED:

@@ -251,16 +251,21 @@ def test_launcher_validates_once_and_finds_the_deepspeed_runner(tmp_path, tok_mo
             f"data.tokenizer_model={tok_model}", f"data.data_path=[{moby_prefix}]", *SMALL]
     for bad, says in (("parallel.micro_batch=0", "parallel.micro_batch=0: must be at least 1"),
                       ("parallel.tp=3", "world size 2 is not divisible by tp*pp = 3"),
-                      ("run_dir=/etc/hostname/run", "run_dir=/etc/hostname/run: cannot be created"),
-                      # what each mode checks, also before spawning: a missing dataset, a tokenizer the model's
-                      # vocabulary cannot hold, a finetuning task that was never fetched
-                      (f"data.data_path=[{tmp_path}/missing]", "missing.bin not found"),
-                      ("model.vocab_size=512", "model.vocab_size=512 is smaller than the tokenizer's 1000"),
-                      (f"finetune.tasks=[spam] finetune.data_dir={tmp_path}/tasks", "train.jsonl not found")):
+                      ("run_dir=/etc/hostname/run", "run_dir=/etc/hostname/run: cannot be created")):
         t0 = time.time()
-        r = subprocess.run(base + bad.split(), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
+        r = subprocess.run(base + [bad], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
         assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and r.stderr.count("error:") == 1 and "[rank" not in r.stderr
+    # what each mode checks is in that one check too (the launcher's own function, without spawning): a missing
+    # dataset, a tokenizer the model's vocabulary cannot hold, a finetuning task that was never fetched
+    from pretrain.launch import check_config
+
+    for bad, says in (([f"data.data_path=[{tmp_path}/missing]"], "missing.bin not found"),
+                      (["model.vocab_size=512"], "model.vocab_size=512 is smaller than the tokenizer's 1000"),
+                      (["finetune.tasks=[spam]", f"finetune.data_dir={tmp_path}/tasks"], "train.jsonl not found")):
+        err = check_config(base[base.index("--") + 1:] + bad, 2)
+        assert err is not None and says in err, err
+    assert check_config(base[base.index("--") + 1:], 2) is None
     # the deepspeed runner: the one beside this interpreter (an unactivated venv), no forced loopback address
     args = build_parser().parse_args(["--hostfile", "hosts", "--nproc-per-node", "8"])
     cmd = deepspeed_command(args, ["--config", "c.yaml"])

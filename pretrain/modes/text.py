@@ -21,13 +21,11 @@ def data_mode(cfg) -> str:
     return cfg.data.mode
 
 
-def text_data_config(cfg):
-    from data_tools.datasets import DataConfig
+def build_text(cfg, tokenizer, num_samples):
+    """[train, valid, test] text datasets of the run: its `data.*` section, its seed, its resolved data mode."""
+    from data_tools.datasets import build_datasets
 
-    d = cfg.data
-    return DataConfig(data_path=d.data_path, split=d.split, seq_length=d.seq_length, seed=cfg.seed,
-                      mode=data_mode(cfg), span_length=d.span_length, span_coverage=d.span_coverage,
-                      max_spans=d.max_spans, reset_position_ids=d.reset_position_ids, cache_dir=d.cache_dir or None)
+    return build_datasets(cfg.data, tokenizer, num_samples, seed=cfg.seed, mode=data_mode(cfg))
 
 
 def valid_sets(valid_ds) -> dict:
@@ -82,9 +80,6 @@ class TextMode(Mode):
         check_text_data(cfg)
 
     def build_data(self, cfg, tokenizer, dp: int):
-        from data_tools.datasets import build_datasets
-
         warn_if_span_cap_binds(cfg)
-        train_ds, valid_ds, _ = build_datasets(text_data_config(cfg), tokenizer,
-                                               [train_rows(cfg, dp), valid_rows(cfg, dp), 0])
+        train_ds, valid_ds, _ = build_text(cfg, tokenizer, [train_rows(cfg, dp), valid_rows(cfg, dp), 0])
         return train_ds, valid_sets(valid_ds)

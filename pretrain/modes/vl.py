@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from pretrain.config import ConfigError
 from pretrain.modes.base import train_rows, valid_rows
-from pretrain.modes.text import TextMode, check_text_data, text_data_config, valid_sets, warn_if_span_cap_binds
+from pretrain.modes.text import TextMode, build_text, check_text_data, valid_sets, warn_if_span_cap_binds
 
 
 class VisionLanguageMode(TextMode):
@@ -33,7 +33,6 @@ class VisionLanguageMode(TextMode):
             x for w, d in zip(weights, dirs) for x in (w, os.path.abspath(d))]
 
     def build_data(self, cfg, tokenizer, dp: int):
-        from data_tools.datasets import build_datasets
         from data_tools.image_text import ImageSampleConfig, ImageTextDataset, MixedRows, image_rows, parse_image_path
 
         warn_if_span_cap_binds(cfg)
@@ -57,7 +56,7 @@ class VisionLanguageMode(TextMode):
                 raise ConfigError(f"data.image_fraction={d.image_fraction} leaves {mb - k} text row(s) per "
                                   "micro-batch but data.data_path is empty (image_fraction=1.0 trains on images only)")
             n_text = n_train // mb * (mb - k)
-            text, valid_ds, _ = build_datasets(text_data_config(cfg), tokenizer, [n_text, n_valid, 0])
+            text, valid_ds, _ = build_text(cfg, tokenizer, [n_text, n_valid, 0])
             valid = valid_sets(valid_ds)
         if valid_images is not None:
             valid["valid_image"] = valid_images
