@@ -73,7 +73,7 @@ def _load_config(tag_dir: str):
 def source_config(path: str):
     """The training config saved with a consolidated dir or a run / checkpoint dir (no weights read)."""
     kind, where = locate(path)
-    return _load_config(where if kind == CONSOLIDATED else resolve_tag_dir(where))
+    return _load_config(where if kind == CONSOLIDATED else resolve_tag_dir(where, checksums=False))
 
 
 def read_model(path: str) -> tuple[object, dict, dict]:
@@ -106,7 +106,9 @@ def load(path: str, tokenizer_override: str = ""):
     return model.eval(), cfg, tok, dict(info, path=os.path.abspath(path))
 
 
-def resolve_tag_dir(path: str) -> str:
+def resolve_tag_dir(path: str, checksums: bool = True) -> str:
+    """The complete checkpoint tag a checkpoints folder (`latest`) or tag names; its files verified (sizes, and
+    CRCs unless `checksums` is False: reading the config alone needs no pass over the weights)."""
     if not os.path.isdir(path):
         raise ConvertError(f"checkpoint not found: {path}")
     if os.path.isfile(os.path.join(path, "latest")):
@@ -115,7 +117,7 @@ def resolve_tag_dir(path: str) -> str:
         raise ConvertError(f"{path}: not a complete checkpoint (no COMPLETE marker: cut off while saving?)")
     from pretrain.checkpoint import damage
 
-    if why := damage(path, checksums=True):
+    if why := damage(path, checksums=checksums):
         raise ConvertError(f"{path}: damaged checkpoint: {why}")
     return path
 
@@ -140,7 +142,7 @@ def read_checkpoint(path: str) -> tuple[object, dict, dict]:
     """(TrainConfig, full fp32 state dict under MetaLM names, extra info) from a DeepSpeed checkpoint tag dir."""
     tag_dir = resolve_tag_dir(path)
     cfg = _load_config(tag_dir)
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    tp = cfg.parallel.tp
     first = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     if not os.path.isfile(first):  # ZeRO-3 names its model states per data-parallel rank
         first = os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt")

@@ -120,12 +120,15 @@ class Trainer:
         position when the directory came from `pretrain.convert reshard`."""
         from megatron.core import parallel_state
 
-        from pretrain.model_io import load_into, read_model
+        from pretrain.model_io import ConvertError, load_into, read_model
 
         cfg = self.cfg
-        src_cfg, sd, info = read_model(cfg.checkpoint.init_from)
-        load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,
-                  pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0)
+        try:
+            src_cfg, sd, info = read_model(cfg.checkpoint.init_from)
+            load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,
+                      pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0)
+        except ConvertError as e:  # not there, damaged, another architecture: one line, exit 2
+            raise ConfigError(f"checkpoint.init_from: {e}") from None
         if not (info.get("resume_position") and "step" in info):
             return None
         p, q = cfg.parallel, src_cfg.parallel
