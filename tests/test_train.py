@@ -198,6 +198,11 @@ def test_bad_configs_fail_fast_naming_the_field(tmp_path, tok_model, moby_prefix
                         f"data.data_path=[{tmp_path}/missing]", f"run_dir={tmp_path}"],
                        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "missing.bin not found" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", *base, *SMALL, f"run_dir={tmp_path}/init",
+                        f"checkpoint.init_from={tmp_path}/nope"], capture_output=True, text=True, env=env(), cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"checkpoint.init_from: checkpoint not found: {tmp_path}/nope" in r.stderr
 
 
 def test_ds_json_cannot_override_owned_values(tmp_path):
