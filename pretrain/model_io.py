@@ -94,7 +94,7 @@ def load(path: str, tokenizer_override: str = ""):
     if kind == CHECKPOINT and not any(os.path.isfile(os.path.join(where, f)) for f in ("latest", "COMPLETE")):
         raise ConvertError(f"{path}: neither a consolidated model (metalm.json) nor a run / checkpoint directory of "
                            "pretrain.train (latest, COMPLETE)")
-    cfg, sd, info = read_model(where)
+    cfg, sd, info = read_consolidated(where) if kind == CONSOLIDATED else read_checkpoint(where)
     tok = (load_from_dir(where) if kind == CONSOLIDATED and not tokenizer_override
            else resolve_tokenizer(cfg, tokenizer_override))
     init_distributed("gloo")
