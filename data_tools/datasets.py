@@ -15,6 +15,7 @@ semi-causal fields of `data_tools.objective`, in the batch contract of ARCHITECT
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -148,16 +149,18 @@ def gpt_sample_with_document_ids(dataset, idx: int) -> tuple[np.ndarray, np.ndar
 class SemiCausalDataset:
     """Samples of the batch contract (numpy dicts) over a megatron-core GPT dataset."""
 
-    def __init__(self, gpt_dataset, cfg: SampleConfig):
+    def __init__(self, gpt_dataset, cfg: SampleConfig, aligner=None):
+        """`aligner`: spans re-tokenized for an encoder with its own tokenizer (data_tools/encoder_tokens.py)."""
         self.gpt = gpt_dataset
         self.cfg = cfg
+        self.aligner = aligner if cfg.mode == "sclm" else None
 
     def __len__(self) -> int:
         return len(self.gpt)
 
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         text, doc_ids = gpt_sample_with_document_ids(self.gpt, idx)
-        return build_sample(text, doc_ids, idx, self.cfg)
+        return build_sample(text, doc_ids, idx, self.cfg, self.aligner)
 
 
 def resolved_mode(cfg: DataConfig) -> str:
@@ -173,11 +176,17 @@ def sample_config(cfg: DataConfig, pad_id: int, seed: int = 1234, mode: str | No
 
 
 def build_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | None], seed: int = 1234,
-                   mode: str | None = None) -> list[SemiCausalDataset | None]:
+                   mode: str | None = None, aligner=None) -> list[SemiCausalDataset | None]:
     """[train, valid, test] of the batch contract; `seed` the run's (sample indices and spans), `mode` sclm | gpt
-    (default: the config's, `auto` meaning sclm)."""
+    (default: the config's, `auto` meaning sclm); `aligner` for an encoder with its own tokenizer."""
     scfg = sample_config(cfg, tokenizer.pad, seed, mode)
-    return [None if d is None else SemiCausalDataset(d, scfg)
+    if aligner is not None:
+        from data_tools.encoder_tokens import encoder_row_length
+
+        scfg = dataclasses.replace(scfg, encoder_row=encoder_row_length(scfg.enc_length, cfg.span_length,
+                                                                        cfg.seq_length),
+                                   encoder_pad_id=aligner.encoder_tok.pad_id)
+    return [None if d is None else SemiCausalDataset(d, scfg, aligner)
             for d in build_gpt_datasets(cfg, tokenizer, num_samples, seed)]
 
 

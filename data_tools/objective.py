@@ -118,6 +118,10 @@ class SampleConfig:
     seed: int = 1234
     pad_id: int = 3
     reset_position_ids: bool = False  # positions restart at each document
+    # an encoder with its own tokenizer (data_tools/encoder_tokens.py): its row length and padding id; 0 = the
+    # shared-vocabulary encoder (the row holds the spans' decoder tokens)
+    encoder_row: int = 0
+    encoder_pad_id: int = 0
 
     def __post_init__(self):
         if self.mode not in ("sclm", "gpt"):
@@ -128,8 +132,11 @@ class SampleConfig:
         return 0 if self.mode == "gpt" else self.spans.encoder_length(self.seq_length)
 
 
-def build_sample(text: np.ndarray, doc_ids: np.ndarray, index: int, cfg: SampleConfig) -> dict[str, np.ndarray]:
-    """One sample of the batch contract from T+1 tokens and their per-token document ids (-1 on padding)."""
+def build_sample(text: np.ndarray, doc_ids: np.ndarray, index: int, cfg: SampleConfig,
+                 aligner=None) -> dict[str, np.ndarray]:
+    """One sample of the batch contract from T+1 tokens and their per-token document ids (-1 on padding).
+    `aligner` (data_tools.encoder_tokens.SpanAligner, with `cfg.encoder_row`): the spans are re-tokenized for an
+    encoder with its own tokenizer; spans it cannot encode go back to the causal objective."""
     T = cfg.seq_length
     if len(text) != T + 1 or len(doc_ids) != T + 1:
         raise ValueError(f"sample {index}: expected {T + 1} tokens and document ids, got {len(text)}/{len(doc_ids)}")
@@ -141,36 +148,71 @@ def build_sample(text: np.ndarray, doc_ids: np.ndarray, index: int, cfg: SampleC
     doc_end[-1] = doc_ids[T - 1] != doc_ids[T]
     Te = cfg.enc_length
     spans = [] if cfg.mode == "gpt" else sample_spans(doc_end, cfg.spans, sample_rng(cfg.seed, index), Te)
+    encoded = None
+    if aligner is not None:
+        spans, encoded = encode_spans(tokens, spans, aligner, cfg.encoder_row, Te)
     loss_mask = semi_causal_loss_mask(T, spans, doc_ids[1:] >= 0)
     if cfg.reset_position_ids:
         starts = np.concatenate([[0], np.flatnonzero(doc_end[:-1]) + 1])
         position_ids = np.arange(T, dtype=np.int64) - np.repeat(starts, np.diff(np.concatenate([starts, [T]])))
     else:
         position_ids = np.arange(T, dtype=np.int64)
-    enc_tokens = np.full(Te, cfg.pad_id, dtype=np.int64)
-    enc_positions = np.zeros(Te, dtype=np.int64)
-    enc_segments = np.full(Te, -1, dtype=np.int32)
-    dock_dst = np.full(Te, -1, dtype=np.int64)
-    j = 0
-    for k, (s, e) in enumerate(spans):
-        m = e - s
-        enc_tokens[j:j + m] = tokens[s:e]
-        enc_positions[j:j + m] = np.arange(m)
-        enc_segments[j:j + m] = k
-        dock_dst[j:j + m] = np.arange(s, e)
-        j += m
-    return {
+    out = {
         "tokens": tokens.astype(np.int64),
         "labels": labels.astype(np.int64),
         "loss_mask": loss_mask,
         "position_ids": position_ids,
         "document_ids": doc_in.astype(np.int32),
-        "enc_tokens": enc_tokens,
-        "enc_positions": enc_positions,
-        "enc_segments": enc_segments,
-        "dock_dst": dock_dst,  # per-sample decoder slot of each encoder position, -1 on padding
-        "spans": np.array(spans, dtype=np.int64).reshape(-1, 2),  # for inspection; dropped by collate
     }
+    if encoded is not None:
+        out.update(encoded)
+    else:
+        enc_tokens = np.full(Te, cfg.pad_id, dtype=np.int64)
+        enc_positions = np.zeros(Te, dtype=np.int64)
+        enc_segments = np.full(Te, -1, dtype=np.int32)
+        dock_dst = np.full(Te, -1, dtype=np.int64)
+        j = 0
+        for k, (s, e) in enumerate(spans):
+            m = e - s
+            enc_tokens[j:j + m] = tokens[s:e]
+            enc_positions[j:j + m] = np.arange(m)
+            enc_segments[j:j + m] = k
+            dock_dst[j:j + m] = np.arange(s, e)
+            j += m
+        out.update(enc_tokens=enc_tokens, enc_positions=enc_positions, enc_segments=enc_segments,
+                   dock_dst=dock_dst)  # dock_dst: per-sample decoder slot of each encoder position, -1 on padding
+    out["spans"] = np.array(spans, dtype=np.int64).reshape(-1, 2)  # for inspection; dropped by collate
+    return out
+
+
+def encode_spans(tokens: np.ndarray, spans: list[tuple[int, int]], aligner, row: int, n_pairs: int):
+    """Re-tokenized spans packed in one encoder row of `row` positions: (the spans kept, the row's arrays with
+    `n_pairs` (static: the span-token bound) dock pairs, one per decoder slot: `dock_src` (encoder position in the
+    row) -> `dock_dst` (decoder slot), -1 on padding)."""
+    enc_tokens = np.full(row, aligner.encoder_tok.pad_id, dtype=np.int64)
+    enc_positions = np.zeros(row, dtype=np.int64)
+    enc_segments = np.full(row, -1, dtype=np.int32)
+    dock_src = np.zeros(n_pairs, dtype=np.int64)
+    dock_dst = np.full(n_pairs, -1, dtype=np.int64)
+    kept, j, q = [], 0, 0
+    for (s, e), got in zip(spans, aligner.align([tokens[s:e] for s, e in spans])):
+        if got is None:
+            continue
+        ids, src = got
+        if j + len(ids) > row:
+            aligner.stats.dropped_row_full += 1
+            continue
+        k = len(kept)
+        enc_tokens[j:j + len(ids)] = ids
+        enc_positions[j:j + len(ids)] = np.arange(len(ids))
+        enc_segments[j:j + len(ids)] = k
+        dock_src[q:q + e - s] = j + src
+        dock_dst[q:q + e - s] = np.arange(s, e)
+        kept.append((s, e))
+        j += len(ids)
+        q += e - s
+    return kept, {"enc_tokens": enc_tokens, "enc_positions": enc_positions, "enc_segments": enc_segments,
+                  "dock_src": dock_src, "dock_dst": dock_dst}
 
 
 def collate(samples: list[dict[str, np.ndarray]]):
@@ -187,9 +229,13 @@ def collate(samples: list[dict[str, np.ndarray]]):
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
              for k in ("tokens", "labels", "loss_mask", "position_ids", "document_ids",
                        "enc_tokens", "enc_positions", "enc_segments")}
-    dst = np.stack([s["dock_dst"] for s in samples])  # [B, Te]
-    valid = dst >= 0
-    flat_dst = np.where(valid, dst + (np.arange(B) * T)[:, None], B * T)
-    batch["dock_src"] = torch.arange(B * Te, dtype=torch.int64)
+    if "dock_src" in samples[0]:  # re-tokenized spans: explicit pairs (one per decoder slot)
+        dst = np.stack([s["dock_dst"] for s in samples])
+        src = np.stack([s["dock_src"] for s in samples]) + (np.arange(B) * Te)[:, None]
+        batch["dock_src"] = torch.from_numpy(src.reshape(-1).astype(np.int64))
+    else:
+        dst = np.stack([s["dock_dst"] for s in samples])  # [B, Te]
+        batch["dock_src"] = torch.arange(B * Te, dtype=torch.int64)
+    flat_dst = np.where(dst >= 0, dst + (np.arange(B) * T)[:, None], B * T)
     batch["dock_dst"] = torch.from_numpy(flat_dst.reshape(-1).astype(np.int64))
     return batch

@@ -33,27 +33,45 @@ class TaskRows:
     """Rows of the batch contract from task examples (see the module docstring); `len` = rows available."""
 
     def __init__(self, seqs_by_task: list[list], weights: list[float], tok, T: int, num_rows: int, seed: int,
-                 pack: bool = True):
+                 pack: bool = True, aligner=None):
+        """`aligner`: an encoder with its own tokenizer; each encoder piece is re-tokenized once here
+        (data_tools/encoder_tokens.py) and rows are packed within both the decoder length and the encoder row."""
         self.seqs, self.T, self.bos, self.pad = seqs_by_task, T, tok.ids.bos, tok.ids.pad
+        self.aligner = aligner
+        self.Te = T
+        if aligner is not None:
+            from data_tools.task_samples import fit_piece
+
+            for seqs in seqs_by_task:
+                for sq in seqs:
+                    fitted = [(k, *fit_piece(aligner, list(ids))) if k == "enc" else (k, list(ids), None)
+                              for k, ids in sq.pieces]
+                    sq.pieces = [(k, ids) for k, ids, _ in fitted]
+                    sq.meta["aligned"] = [got for _, _, got in fitted]
+            enc_len = [[sum(len(g[0]) for g in sq.meta["aligned"] if g is not None) for sq in seqs]
+                       for seqs in seqs_by_task]
+            self.Te = int(np.ceil(max([1.25 * T] + [n for lens in enc_len for n in lens]) / 64) * 64)
         self.rows: list[list[tuple[int, int]]] = []
         sizes = [len(s) for s in seqs_by_task]
         if min(sizes) == 0:
             raise ValueError("a finetuning task has no train items")
         draws, d = [], 0
-        row, used = [], 0
+        row, used, used_enc = [], 0, 0
         while len(self.rows) < num_rows:
             if d == len(draws):  # draw more examples as needed (deterministic: the same prefix every time)
                 draws = blend_order(sizes, weights, max(2 * len(draws), 1024), seed)
             t, i = draws[d]
             n = seqs_by_task[t][i].length() - 1  # decoder inputs of the example
+            n_enc = enc_len[t][i] if aligner is not None else 0
             if n > T:
                 raise ValueError(f"a task example has {n} tokens, more than data.seq_length={T}")
-            if row and (not pack or used + n > T):
+            if row and (not pack or used + n > T or used_enc + n_enc > self.Te):
                 self.rows.append(row)
-                row, used = [], 0
+                row, used, used_enc = [], 0, 0
                 continue
             row.append((t, i))
             used += n
+            used_enc += n_enc
             d += 1
         self.examples_drawn = d
 
@@ -67,22 +85,31 @@ class TaskRows:
         loss_mask = np.zeros(T, dtype=np.float32)
         position_ids = np.zeros(T, dtype=np.int64)
         document_ids = np.full(T, -1, dtype=np.int32)
-        enc_tokens = np.full(T, self.pad, dtype=np.int64)
-        enc_positions = np.zeros(T, dtype=np.int64)
-        enc_segments = np.full(T, -1, dtype=np.int32)
-        dock_dst = np.full(T, -1, dtype=np.int64)
-        at, j, seg = 0, 0, 0
+        Te, own = self.Te, self.aligner is not None
+        enc_tokens = np.full(Te, self.aligner.encoder_tok.pad_id if own else self.pad, dtype=np.int64)
+        enc_positions = np.zeros(Te, dtype=np.int64)
+        enc_segments = np.full(Te, -1, dtype=np.int32)
+        dock_dst = np.full(T if own else Te, -1, dtype=np.int64)
+        dock_src = np.zeros(T, dtype=np.int64)
+        at, j, seg, q = 0, 0, 0, 0
         for doc, (t, i) in enumerate(self.rows[r]):
             s = self.seqs[t][i]
             full, slot = [self.bos], 1
-            for kind, ids in s.pieces:
-                if kind == "enc":  # its own encoder segment, docked into this example's slots
-                    m = len(ids)
-                    enc_tokens[j:j + m] = ids
-                    enc_positions[j:j + m] = np.arange(m)
-                    enc_segments[j:j + m] = seg
-                    dock_dst[j:j + m] = at + slot + np.arange(m)
-                    j += m
+            for p, (kind, ids) in enumerate(s.pieces):
+                got = s.meta["aligned"][p] if own else (ids, np.arange(len(ids)))
+                if kind == "enc" and got is not None:  # its own encoder segment, docked into this example's slots
+                    e_ids, src = got
+                    n, m = len(e_ids), len(ids)
+                    enc_tokens[j:j + n] = e_ids
+                    enc_positions[j:j + n] = np.arange(n)
+                    enc_segments[j:j + n] = seg
+                    if own:  # explicit pairs, one per decoder slot
+                        dock_src[q:q + m] = j + src
+                        dock_dst[q:q + m] = at + slot + np.arange(m)
+                        q += m
+                    else:
+                        dock_dst[j:j + m] = at + slot + np.arange(m)
+                    j += n
                     seg += 1
                 full += ids
                 slot += len(ids)
@@ -94,13 +121,16 @@ class TaskRows:
             position_ids[at:at + n] = np.arange(n)
             document_ids[at:at + n] = doc
             at += n
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
-                "document_ids": document_ids, "enc_tokens": enc_tokens, "enc_positions": enc_positions,
-                "enc_segments": enc_segments, "dock_dst": dock_dst}
+        out = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
+               "document_ids": document_ids, "enc_tokens": enc_tokens, "enc_positions": enc_positions,
+               "enc_segments": enc_segments, "dock_dst": dock_dst}
+        if own:
+            out["dock_src"] = dock_src
+        return out
 
 
 def build_task_rows(task_names, data_dir: str, tok, T: int, num_rows: int, placement: str, seed: int,
-                    max_items: int = 0, weights=None, pack: bool = True) -> TaskRows:
+                    max_items: int = 0, weights=None, pack: bool = True, aligner=None) -> TaskRows:
     """Rows of `num_rows` x `T` tokens from the train splits of the named registry tasks (fetched under
     `data_dir`); `weights` default to the tasks' sizes."""
     from data_tools.tasks import get_task, load_split
@@ -116,4 +146,4 @@ def build_task_rows(task_names, data_dir: str, tok, T: int, num_rows: int, place
     weights = [float(w) for w in weights] if weights else [float(len(s)) for s in seqs]
     if len(weights) != len(tasks) or min(weights) <= 0:
         raise ValueError(f"finetune.weights: one positive weight per task expected, got {list(weights)}")
-    return TaskRows(seqs, weights, tok, T, num_rows, seed, pack)
+    return TaskRows(seqs, weights, tok, T, num_rows, seed, pack, aligner if placement == "encoder" else None)

@@ -126,9 +126,14 @@ def truncate(seq: Sequence, dec_limit: int, enc_limit: int, target_room: int | N
     seq.truncated = cut
 
 
-def _pack_encoder(rows_pieces: list[list[tuple[str, list[int]]]], T: int, pad: int, with_encoder: bool):
+def _pack_encoder(rows_pieces: list[list[tuple[str, list[int]]]], T: int, pad: int, with_encoder: bool,
+                  aligner=None):
     """Encoder rows of the batch contract for rows whose pieces start right after <s> at decoder slot 1:
-    (row tokens [B, T] filled with the pieces, enc_tokens, enc_positions, enc_segments, dock_dst [B, Te])."""
+    (row tokens [B, T] filled with the pieces, enc_tokens, enc_positions, enc_segments, dock_dst [B, Te]), and
+    dock_src (None: encoder position j docks at dock_dst[j]). With `aligner` (an encoder with its own tokenizer)
+    each encoder piece is re-tokenized (data_tools/encoder_tokens.py) and the pairs are explicit, one per slot."""
+    if aligner is not None and with_encoder:
+        return _pack_retokenized(rows_pieces, T, aligner)
     B = len(rows_pieces)
     Te = max([sum(len(ids) for k, ids in r if k == "enc") for r in rows_pieces] + [0]) if with_encoder else 0
     enc = {"enc_tokens": np.full((B, Te), pad, dtype=np.int64), "enc_positions": np.zeros((B, Te), dtype=np.int64),
@@ -147,29 +152,72 @@ def _pack_encoder(rows_pieces: list[list[tuple[str, list[int]]]], T: int, pad: i
                 j += m
             full.extend(ids)
         prompts.append(full)
-    return prompts, enc, dock_dst
+    return prompts, enc, dock_dst, None
 
 
-def _as_batch(tokens, positions, enc, dock_dst, extra=None):
+def fit_piece(aligner, ids: list[int]) -> tuple[list[int], tuple | None]:
+    """(the piece's decoder ids, its alignment), cut from the left (as `truncate` cuts) until its encoder tokens
+    fit the encoder's length; alignment None if its text gives no encoder token."""
+    while ids:
+        got, why = aligner.align_piece(ids)
+        if why != "long":
+            return ids, got
+        ids = ids[max(1, len(ids) // 8):]
+    return ids, None
+
+
+def _pack_retokenized(rows_pieces, T: int, aligner):
+    B = len(rows_pieces)
+    rows = []
+    for pieces in rows_pieces:
+        fitted = [(kind, *fit_piece(aligner, list(ids))) if kind == "enc" else (kind, list(ids), None)
+                  for kind, ids in pieces]
+        rows.append(fitted)
+    Te = max([sum(len(got[0]) for k, _, got in r if got is not None) for r in rows] + [0])
+    N = max([sum(len(ids) for k, ids, got in r if got is not None) for r in rows] + [0])
+    enc = {"enc_tokens": np.full((B, Te), aligner.encoder_tok.pad_id, dtype=np.int64),
+           "enc_positions": np.zeros((B, Te), dtype=np.int64), "enc_segments": np.full((B, Te), -1, dtype=np.int32)}
+    dock_src = np.broadcast_to((np.arange(B) * Te)[:, None], (B, N)).copy()
+    dock_dst = np.full((B, N), B * T, dtype=np.int64)
+    prompts = []
+    for b, pieces in enumerate(rows):
+        full, j, q = [], 0, 0
+        for seg, (kind, ids, got) in enumerate(pieces):
+            if got is not None:
+                e_ids, src = got
+                n, m = len(e_ids), len(ids)
+                enc["enc_tokens"][b, j:j + n] = e_ids
+                enc["enc_positions"][b, j:j + n] = np.arange(n)
+                enc["enc_segments"][b, j:j + n] = seg
+                dock_src[b, q:q + m] = b * Te + j + src
+                dock_dst[b, q:q + m] = b * T + 1 + len(full) + np.arange(m)
+                j, q = j + n, q + m
+            full.extend(ids)
+        prompts.append(full)
+    return prompts, enc, dock_dst, dock_src
+
+
+def _as_batch(tokens, positions, enc, dock_dst, extra=None, dock_src=None):
     import torch
 
     B, T = tokens.shape
     batch = {"tokens": torch.from_numpy(tokens), "position_ids": torch.from_numpy(positions),
              "document_ids": torch.zeros(B, T, dtype=torch.int32),
              **{k: torch.from_numpy(v) for k, v in enc.items()},
-             "dock_src": torch.arange(dock_dst.size, dtype=torch.int64),
+             "dock_src": (torch.arange(dock_dst.size, dtype=torch.int64) if dock_src is None
+                          else torch.from_numpy(dock_src.reshape(-1))),
              "dock_dst": torch.from_numpy(dock_dst.reshape(-1))}
     batch.update({k: torch.from_numpy(v) for k, v in (extra or {}).items()})
     return batch
 
 
-def collate_sequences(seqs: list[Sequence], bos: int, pad: int, with_encoder: bool):
+def collate_sequences(seqs: list[Sequence], bos: int, pad: int, with_encoder: bool, aligner=None):
     """Batch contract tensors (labels and loss_mask on the targets) + where each row's target sits:
     (batch, target_start [B], target_len [B]). `with_encoder=False` (causal placement) fills encoder pieces into
-    the decoder as ordinary tokens."""
+    the decoder as ordinary tokens; `aligner`: an encoder with its own tokenizer."""
     B = len(seqs)
     T = max(s.length() - 1 for s in seqs)
-    prompts, enc, dock_dst = _pack_encoder([s.pieces for s in seqs], T, pad, with_encoder)
+    prompts, enc, dock_dst, dock_src = _pack_encoder([s.pieces for s in seqs], T, pad, with_encoder, aligner)
     tokens = np.full((B, T), pad, dtype=np.int64)
     labels = np.zeros((B, T), dtype=np.int64)
     loss_mask = np.zeros((B, T), dtype=np.float32)
@@ -182,11 +230,11 @@ def collate_sequences(seqs: list[Sequence], bos: int, pad: int, with_encoder: bo
         tokens[b, :n], labels[b, :n] = full[:-1], full[1:]
         loss_mask[b, start[b]:n] = 1.0
     positions = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
-    return (_as_batch(tokens, positions, enc, dock_dst, {"labels": labels, "loss_mask": loss_mask}), start,
+    return (_as_batch(tokens, positions, enc, dock_dst, {"labels": labels, "loss_mask": loss_mask}, dock_src), start,
             n_target)
 
 
-def collate_shared(groups: list[list[Sequence]], bos: int, pad: int, with_encoder: bool):
+def collate_shared(groups: list[list[Sequence]], bos: int, pad: int, with_encoder: bool, aligner=None):
     """One row per group of sequences with the same pieces (the answer choices of one item): `<s>`, the shared
     pieces, then every choice's tokens but its last, each block at the positions that follow the prompt. The
     attention mask (pretrain.model.masks.shared_prefix over `segments`: 0 prompt, c+1 choice c, -1 padding) lets
@@ -196,7 +244,7 @@ def collate_shared(groups: list[list[Sequence]], bos: int, pad: int, with_encode
     B = len(groups)
     lengths = [1 + sum(len(ids) for _, ids in g[0].pieces) + sum(len(s.target) - 1 for s in g) for g in groups]
     T = max(lengths)
-    prompts, enc, dock_dst = _pack_encoder([g[0].pieces for g in groups], T, pad, with_encoder)
+    prompts, enc, dock_dst, dock_src = _pack_encoder([g[0].pieces for g in groups], T, pad, with_encoder, aligner)
     tokens = np.full((B, T), pad, dtype=np.int64)
     positions = np.zeros((B, T), dtype=np.int64)
     segments = np.full((B, T), -1, dtype=np.int32)
@@ -220,7 +268,7 @@ def collate_shared(groups: list[list[Sequence]], bos: int, pad: int, with_encode
             at += m - 1
             k += 1
     pairs = tuple(np.array(x, dtype=np.int64) for x in (rows, pos, labels, owner))
-    return _as_batch(tokens, positions, enc, dock_dst, {"segments": segments}), pairs
+    return _as_batch(tokens, positions, enc, dock_dst, {"segments": segments}, dock_src), pairs
 
 
 def sample_demos(pool: list[dict], k: int, rng: np.random.Generator, exclude_id: str | None = None) -> list[dict]:

@@ -71,6 +71,7 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
     if placement == "encoder" and getattr(model, "encoder", None) is None:
         raise ValueError("placement 'encoder' needs a model with a text encoder (this one is a GPT baseline: use "
                          "--placement causal)")
+    aligner = model_aligner(model, tok) if placement == "encoder" else None
     seqs = []
     for i, item in enumerate(items):
         demos = sample_demos(pool, shots, np.random.default_rng([seed, i]), exclude_id=item.get("id"))
@@ -90,7 +91,8 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
     order = sorted(range(len(groups)), key=lambda j: -sum(g.length() for g in groups[j]))  # similar lengths batch
     for start in range(0, len(order), batch_size):
         chunk = [groups[j] for j in order[start:start + batch_size]]
-        batch, (rows, pos, labels, owner) = collate_shared(chunk, tok.ids.bos, tok.ids.pad, placement == "encoder")
+        batch, (rows, pos, labels, owner) = collate_shared(chunk, tok.ids.bos, tok.ids.pad, placement == "encoder",
+                                                           aligner)
         lp = pair_logprobs(model, batch, rows, pos, labels).double().cpu().numpy()
         flat = [s for g in chunk for s in g]
         totals = np.bincount(owner, weights=lp, minlength=len(flat))
@@ -117,6 +119,17 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
                       choice_chars=[[max(1, len(c)) for c in task.choices(it)] for it in items],
                       truncated_sequences=sum(1 for s in seqs if s.truncated),
                       truncated_tokens=sum(s.truncated for s in seqs))
+
+
+def model_aligner(model, tok):
+    """Re-tokenization for a text encoder with its own tokenizer (data_tools/encoder_tokens.py), built once per
+    model; None for encoders that share the decoder's vocabulary."""
+    from data_tools.encoder_tokens import aligner_for
+
+    cfg = getattr(getattr(model, "module", model), "cfg", None)
+    if not hasattr(model, "_metalm_aligner"):
+        model._metalm_aligner = aligner_for(getattr(cfg, "encoder", None), tok)
+    return model._metalm_aligner
 
 
 def limits(cfg, max_encoder_length: int | None = None) -> tuple[int, int]:

@@ -51,6 +51,13 @@ def check_config(cfg: TrainConfig, world: int | None, mode) -> None:
             raise ConfigError(f"{name}.ffn_hidden={s.ffn_hidden} is not divisible by parallel.tp={p.tp}")
     if m.vocab_size % p.tp:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
+    if m.encoder is not None and m.encoder.vocab_size % p.tp:
+        raise ConfigError(f"model.encoder.vocab_size={m.encoder.vocab_size} is not divisible by parallel.tp={p.tp}")
+    if m.encoder is not None and m.encoder.tokenizer and not os.path.exists(m.encoder.tokenizer):
+        raise ConfigError(f"model.encoder.tokenizer: not found: {m.encoder.tokenizer}")
+    if m.encoder is not None and m.encoder.vocab_size and not m.encoder.tokenizer:
+        raise ConfigError("model.encoder.vocab_size is the encoder's own vocabulary: model.encoder.tokenizer (its "
+                          "tokenizer) is required with it")
     if cfg.data.seq_length > m.max_seq_length:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds model.max_seq_length={m.max_seq_length}")
     mode.check(cfg, uses_pipeline(cfg))
@@ -88,6 +95,8 @@ def absolute_paths(cfg: TrainConfig, mode) -> None:
         d.cache_dir = os.path.abspath(d.cache_dir)
     if cfg.checkpoint.init_from:
         cfg.checkpoint.init_from = os.path.abspath(cfg.checkpoint.init_from)
+    if cfg.model.encoder is not None and cfg.model.encoder.tokenizer:
+        cfg.model.encoder.tokenizer = os.path.abspath(cfg.model.encoder.tokenizer)
     if cfg.logging.downstream_tasks:
         cfg.logging.downstream_data = os.path.abspath(cfg.logging.downstream_data)
     mode.absolute_paths(cfg)
@@ -134,11 +143,24 @@ def resolve_tokenizer(cfg: TrainConfig):
     return tok
 
 
+def configure_model(cfg: TrainConfig) -> None:
+    """Model settings that come from files: `model.encoder.from_hf` (a pretrained BERT-family encoder's
+    architecture and tokenizer, pretrain/hf_encoders.py)."""
+    from pretrain.hf_encoders import apply_from_hf
+    from pretrain.model_io import ConvertError
+
+    try:
+        apply_from_hf(cfg.model)
+    except (ConvertError, ValueError) as e:
+        raise ConfigError(f"model.encoder.from_hf: {e}") from None
+
+
 def preflight(cfg: TrainConfig, world: int | None) -> None:
     """Everything a rank checks at start-up that needs no process group: the launcher runs it once before
     spawning. Raises ConfigError (or data_tools' UserError) with the one line to print."""
     from pretrain.modes import pick_mode
 
+    configure_model(cfg)
     mode = pick_mode(cfg)
     mode.configure(cfg)
     check_config(cfg, world, mode)

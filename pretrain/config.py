@@ -24,9 +24,15 @@ ROPE_SCALING = {  # supported rope_scaling types and their keys (transformers' n
 }
 
 
+NORMS, NORM_POSITIONS, ACTIVATIONS, POSITIONS = ("rmsnorm", "layernorm"), ("pre", "post"), \
+    ("swiglu", "gelu", "gelu_tanh"), ("rope", "learned")
+
+
 @dataclass
 class StackConfig:
-    """A stack of pre-norm transformer blocks (RMSNorm, RoPE, SwiGLU, no biases)."""
+    """A stack of transformer blocks. Our own stacks: pre-norm RMSNorm, RoPE, SwiGLU, no biases (the defaults). The
+    variants are configuration of the same block (pretrain/model/blocks.py), for imported models: BERT-family
+    encoders are post-norm LayerNorm with biases, a GELU MLP and learned absolute positions."""
     layers: int
     hidden: int
     heads: int
@@ -36,8 +42,22 @@ class StackConfig:
     kv_heads: int = 0  # 0: = heads; fewer: grouped-query attention (heads a multiple of kv_heads)
     head_dim: int = 0  # 0: hidden // heads; Llama-family configs may set it explicitly
     rope_scaling: dict | None = None  # None, {"type": "linear", "factor": f} or {"type": "llama3", ...} (ROPE_SCALING)
+    norm: str = "rmsnorm"  # rmsnorm | layernorm (with bias)
+    norm_position: str = "pre"  # pre (norm -> sublayer -> add; a final norm) | post (add -> norm, BERT; no final norm)
+    activation: str = "swiglu"  # swiglu | gelu (erf) | gelu_tanh: a two-matrix MLP with that activation
+    bias: bool = False  # biases on the attention and MLP linear layers
+    positions: str = "rope"  # rope | learned (absolute positions added to the embedding: encoders only)
+    hidden_dropout: float = 0.0  # on each sublayer's output (and the embedding), in training mode only
+    attention_dropout: float = 0.0  # on the attention probabilities, in training mode only
 
     def __post_init__(self):
+        for key, allowed in (("norm", NORMS), ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS),
+                             ("positions", POSITIONS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: expected {' | '.join(allowed)}, got {getattr(self, key)!r}")
+        for key in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key}: expected a probability in [0, 1), got {getattr(self, key)}")
         if not self.head_dim:
             if self.hidden % self.heads:
                 raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
@@ -48,7 +68,9 @@ class StackConfig:
             raise ValueError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even (rotary embedding)")
-        if not self.ffn_hidden:
+        if not self.ffn_hidden and self.activation != "swiglu":
+            self.ffn_hidden = 4 * self.hidden
+        elif not self.ffn_hidden:
             mult = 256 if self.hidden >= 1024 else 64
             self.ffn_hidden = int(math.ceil(8 * self.hidden / 3 / mult) * mult)
         if self.rope_scaling is not None:
@@ -61,7 +83,55 @@ class StackConfig:
 
     def block_params(self) -> int:
         d, f, q, kv = self.hidden, self.ffn_hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d  # q + out, k + v, gate/up/down, two norms
+        mlp = (3 if self.activation == "swiglu" else 2) * d * f  # gate/up/down, or up/down
+        biases = (q + 2 * kv + d + (2 if self.activation == "swiglu" else 1) * f + d) if self.bias else 0
+        return 2 * d * q + 2 * d * kv + mlp + self.norm_params() * 2 + biases  # q + out, k + v, mlp, two norms
+
+    def norm_params(self) -> int:
+        return self.hidden * (2 if self.norm == "layernorm" else 1)
+
+    def final_norm_params(self) -> int:
+        return self.norm_params() if self.norm_position == "pre" else 0
+
+
+@dataclass
+class EncoderConfig(StackConfig):
+    """The text encoder: a stack plus its embedding. Our own encoders share the decoder's vocabulary and use rotary
+    positions. An imported one (pretrain/hf_encoders.py: BERT, RoBERTa, ELECTRA) keeps its own vocabulary and
+    tokenizer (the loader re-tokenizes each span, data_tools/encoder_tokens.py), learned positions, token-type
+    embeddings and an embedding LayerNorm."""
+    vocab_size: int = 0  # 0: the decoder's vocabulary (model.vocab_size); else the encoder's own (padded for TP)
+    hf_vocab_size: int = 0  # an imported encoder's vocabulary before padding (what export-encoder writes)
+    tokenizer: str = ""  # the encoder's own tokenizer (a tokenizer.json or its directory); "": the decoder's
+    pad_id: int = 0  # encoder row padding (own tokenizer only)
+    max_positions: int = 0  # learned positions: the table size (BERT 512); also the longest encoder piece
+    position_offset: int = 0  # first position id of a span (RoBERTa: padding_idx + 1 = 2)
+    type_vocab_size: int = 0  # token-type embeddings (every span is type 0); 0: none
+    embedding_norm: bool = False  # LayerNorm (eps norm_eps) on the summed embeddings
+    embedding_size: int = 0  # 0: hidden; smaller (ELECTRA): a linear projection to hidden after the embedding
+    # the paper's freezing (METHOD.md): embeddings and the bottom layers frozen, the top k trained; -1: not used
+    # (model.freeze_encoder_layers decides)
+    trainable_top_layers: int = -1
+    from_hf: str = ""  # a BertModel / RobertaModel / ElectraModel directory: architecture, weights and tokenizer
+    hf_model_type: str = ""  # set from from_hf / import-encoder: bert | roberta | electra (what export-encoder writes)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.positions == "learned" and self.max_positions < 1:
+            raise ValueError("positions=learned needs max_positions (the position table size)")
+        if self.trainable_top_layers < -1 or self.trainable_top_layers > self.layers:
+            raise ValueError(f"trainable_top_layers {self.trainable_top_layers} not in -1..{self.layers}")
+
+    @property
+    def own_vocabulary(self) -> bool:
+        return bool(self.vocab_size)
+
+    def embedding_params(self, shared_vocab: int) -> int:
+        e = self.embedding_size or self.hidden
+        n = (self.vocab_size or shared_vocab) * e + self.max_positions * e * (self.positions == "learned")
+        n += self.type_vocab_size * e + (2 * e if self.embedding_norm else 0)
+        return n + ((e * self.hidden + self.hidden) if self.embedding_size and self.embedding_size != self.hidden
+                    else 0)
 
 
 @dataclass
@@ -85,7 +155,7 @@ class ModelConfig:
     vocab_size: int = 8000
     max_seq_length: int = 2048
     decoder: StackConfig = field(default_factory=lambda: StackConfig(4, 256, 4))
-    encoder: StackConfig | None = None  # bidirectional text encoder over packed spans; None: GPT baseline
+    encoder: EncoderConfig | None = None  # bidirectional text encoder over packed spans; None: GPT baseline
     vision: VisionConfig | None = None
     connector: str = "linear"  # text connector: linear | mlp
     vision_connector: str = "mlp"  # linear | mlp | resampler
@@ -107,6 +177,15 @@ class ModelConfig:
         if self.vision is not None and self.vision.caption_prefix and self.vision_connector == "resampler":
             raise ValueError("vision.caption_prefix needs a per-position vision connector (linear or mlp): the "
                              "prefix tokens' outputs dock one per token")
+        if self.encoder is not None and not isinstance(self.encoder, EncoderConfig):  # a plain StackConfig given
+            self.encoder = EncoderConfig(**dataclasses.asdict(self.encoder))
+        if self.encoder is not None and self.encoder.trainable_top_layers >= 0:
+            frozen = self.encoder.layers - self.encoder.trainable_top_layers
+            if self.freeze_encoder_layers not in (0, frozen):
+                raise ValueError(f"freeze_encoder_layers {self.freeze_encoder_layers} contradicts "
+                                 f"encoder.trainable_top_layers {self.encoder.trainable_top_layers} "
+                                 f"({self.encoder.layers} layers); set one of them")
+            self.freeze_encoder_layers = frozen
         if self.encoder is not None and not 0 <= self.freeze_encoder_layers <= self.encoder.layers:
             raise ValueError(f"freeze_encoder_layers {self.freeze_encoder_layers} not in 0..{self.encoder.layers}")
 
@@ -120,7 +199,8 @@ class ModelConfig:
         flops = 6 * n_dec + 12 * dec.layers * dec.hidden * seq_length
         if self.encoder is not None:
             enc = self.encoder
-            n_enc = parts["encoder"] - self.vocab_size * enc.hidden + parts["connector"]
+            n_enc = (parts["encoder"] - (enc.vocab_size or self.vocab_size) * (enc.embedding_size or enc.hidden)
+                     + parts["connector"])
             flops += 0.25 * (6 * n_enc + 12 * enc.layers * enc.hidden * 128)  # ~25 % of tokens, spans <= 128
         return float(flops)
 
@@ -136,7 +216,8 @@ class ModelConfig:
                           + (0 if self.tie_embeddings else V * dd)}
         if self.encoder is not None:
             de = self.encoder.hidden
-            out["encoder"] = V * de + self.encoder.layers * self.encoder.block_params() + de
+            e = self.encoder
+            out["encoder"] = e.embedding_params(V) + e.layers * e.block_params() + e.final_norm_params()
             out["connector"] = connector_params(self.connector, de, dd)
         if self.vision is not None:
             v = self.vision

@@ -5,6 +5,9 @@
         # then: python -m pretrain.launch ... -- checkpoint.init_from=exported/reshard parallel.tp=4 ...
     python -m pretrain.convert export-hf --model exported/metalm --out hf/metalm-decoder
     python -m pretrain.convert import-hf --hf hf/some-llama --out exported/from-hf [--encoder-preset tiny-cpu]
+    python -m pretrain.convert import-encoder --hf hf/minilm --into exported/metalm --out exported/metalm-minilm
+        [--trainable-top-layers 2]   # --into a preset (a fresh decoder) takes --tokenizer-model too
+    python -m pretrain.convert export-encoder --model exported/metalm-minilm --out hf/minilm-finetuned
 
 The consolidated format (also the self-contained export of the full MetaLM: encoders, connector, decoder):
     DIR/model.safetensors   every parameter under its `MetaLM` name, full (unsharded) tensors, fp32 or bf16
@@ -16,10 +19,10 @@ written under a temporary name and renamed when complete. Reading checkpoints, t
 pretrain/model_io.py; the Hugging Face mapping is a state-dict adapter (pretrain/hf_adapters.py); this file is the
 four commands.
 
-Not supported, and why: a BERT-family encoder cannot be imported into our text encoder: BERT blocks are post-norm
-LayerNorm with biases, learned absolute positions and a GELU MLP, ours are pre-norm RMSNorm, rotary, SwiGLU without
-biases; no weight mapping preserves the function. Optimizer state is not carried across a reshard (AdamW moments
-restart; weights, step, LR schedule position and data position are kept).
+A BERT / RoBERTa / ELECTRA encoder docks as the text encoder with its own tokenizer (pretrain/hf_encoders.py: its
+blocks are a configuration of ours, post-norm LayerNorm with biases, GELU, learned positions). Not supported, and
+why: optimizer state is not carried across a reshard (AdamW moments restart; weights, step, LR schedule position and
+data position are kept).
 """
 from __future__ import annotations
 
@@ -188,6 +191,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--hf", required=True)
     i.add_argument("--out", required=True)
     i.add_argument("--encoder-preset", default="", help="add a fresh text encoder + connector of this preset")
+    ie = sub.add_parser("import-encoder", help="Hugging Face BertModel / RobertaModel / ElectraModel directory -> the "
+                        "text encoder (with its own tokenizer) of a MetaLM")
+    ie.add_argument("--hf", required=True, help="the encoder's directory (config.json, weights, tokenizer files)")
+    ie.add_argument("--into", required=True, help="a consolidated dir or checkpoint whose decoder is kept, or a "
+                    "preset name (a fresh decoder)")
+    ie.add_argument("--out", required=True)
+    ie.add_argument("--trainable-top-layers", type=int, default=-1,
+                    help="train only the top k encoder layers (paper: 2); -1: all (default)")
+    ie.add_argument("--tokenizer-model", default="", help="the decoder's tokenizer (required with a preset)")
+    ie.add_argument("--seed", type=int, default=1234, help="for the new connector (and a preset's fresh decoder)")
+    ee = sub.add_parser("export-encoder", help="the text encoder of a consolidated dir or checkpoint -> its own "
+                        "Hugging Face type")
+    ee.add_argument("--model", required=True)
+    ee.add_argument("--out", required=True)
+    ee.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = p.parse_args(argv)
     import warnings
 
@@ -215,6 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cons = write_consolidated(os.path.join(tmp, "consolidated"), cfg, sd,
                                               resolve_tokenizer(cfg, args.tokenizer_model), info)
                     print(f"wrote {export_hf(cons, args.out, args.dtype)}")
+        elif args.cmd == "import-encoder":
+            from pretrain.hf_encoders import import_encoder
+
+            print(f"wrote {import_encoder(args.hf, args.into, args.out, args.trainable_top_layers, args.tokenizer_model, args.seed)}")
+        elif args.cmd == "export-encoder":
+            from pretrain.hf_encoders import export_encoder
+
+            print(f"wrote {export_encoder(args.model, args.out, args.dtype)}")
         else:
             print(f"wrote {import_hf(args.hf, args.out, args.encoder_preset)}")
     except (ConvertError, UserError) as e:

@@ -29,7 +29,13 @@ from data_tools.durable import fsync_dir, fsync_tree
 
 FORMAT = "metalm-consolidated"
 TP_DIM = {"embedding.weight": 0, "word.weight": 0, "qkv.weight": 0, "gate.weight": 0, "up.weight": 0,
+          "qkv.bias": 0, "gate.bias": 0, "up.bias": 0,
           "output.weight": 0, "proj.weight": 1, "down.weight": 1}
+
+
+# the files of a text encoder's own tokenizer (Hugging Face), copied with a consolidated model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt")
 
 
 class ConvertError(Exception):
@@ -73,7 +79,20 @@ def _load_config(tag_dir: str):
 def source_config(path: str):
     """The training config saved with a consolidated dir or a run / checkpoint dir (no weights read)."""
     kind, where = locate(path)
-    return _load_config(where if kind == CONSOLIDATED else resolve_tag_dir(where, checksums=False))
+    if kind == CONSOLIDATED:
+        return _relative_files(_load_config(where), where)
+    return _load_config(resolve_tag_dir(where, checksums=False))
+
+
+ENCODER_TOKENIZER_DIR = "encoder_tokenizer"
+
+
+def _relative_files(cfg, base: str):
+    """A consolidated directory names its text encoder's own tokenizer relative to itself: made absolute here."""
+    e = cfg.model.encoder
+    if e is not None and e.tokenizer and not os.path.isabs(e.tokenizer):
+        e.tokenizer = os.path.join(os.path.abspath(base), e.tokenizer)
+    return cfg
 
 
 def read_model(path: str) -> tuple[object, dict, dict]:
@@ -259,6 +278,9 @@ def write_consolidated(out: str, cfg, sd: dict, tokenizer, info: dict, dtype: st
     from pretrain.config import config_to_dict
 
     check_against_model(cfg, sd)
+    enc_tok = cfg.model.encoder.tokenizer if cfg.model.encoder is not None else ""
+    if enc_tok and not os.path.exists(enc_tok):
+        raise ConvertError(f"the text encoder's tokenizer is missing: {enc_tok}")
     if not isinstance(tokenizer, BaseTokenizer):
         try:
             tokenizer = load_tokenizer(tokenizer)
@@ -269,8 +291,19 @@ def write_consolidated(out: str, cfg, sd: dict, tokenizer, info: dict, dtype: st
     def write(tmp):
         save_file({k: v.to(tdtype).contiguous() for k, v in sorted(sd.items())}, os.path.join(tmp, "model.safetensors"),
                   metadata={"format": FORMAT})
+        saved = config_to_dict(cfg)
+        if enc_tok:  # the encoder's own tokenizer travels inside the directory, named relative to it
+            src = enc_tok if os.path.isdir(enc_tok) else os.path.dirname(enc_tok)
+            dst = os.path.join(tmp, ENCODER_TOKENIZER_DIR)
+            os.makedirs(dst)
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(src, name)):
+                    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            if not os.path.isdir(enc_tok):
+                shutil.copyfile(enc_tok, os.path.join(dst, "tokenizer.json"))
+            saved["model"]["encoder"]["tokenizer"] = ENCODER_TOKENIZER_DIR
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+            yaml.safe_dump(saved, f, sort_keys=False)
         copy_to_dir(tokenizer, tmp)
         with open(os.path.join(tmp, "metalm.json"), "w") as f:
             json.dump({"format": FORMAT, "version": 1, "dtype": dtype, **info}, f, indent=2)
@@ -292,7 +325,7 @@ def read_consolidated(path: str) -> tuple[object, dict, dict]:
     for name in ("config.yaml", "model.safetensors"):
         if not os.path.isfile(os.path.join(path, name)):
             raise ConvertError(f"{path}: {name} is missing (an incomplete copy of a consolidated directory?)")
-    cfg = load_config(os.path.join(path, "config.yaml"))
+    cfg = _relative_files(load_config(os.path.join(path, "config.yaml")), path)
     return cfg, {k: v.float() for k, v in load_file(os.path.join(path, "model.safetensors")).items()}, info
 
 
@@ -304,8 +337,10 @@ def load_consolidated(path: str):
     return model, cfg, tok
 
 
-def load_into(model: torch.nn.Module, sd: dict, tp_rank: int = 0, tp: int = 1, pipeline_layers: int = 0) -> None:
-    """Copy full weights into a (possibly TP-sharded, possibly pipeline) model, slicing each TP parameter."""
+def load_into(model: torch.nn.Module, sd: dict, tp_rank: int = 0, tp: int = 1, pipeline_layers: int = 0,
+              partial: bool = False) -> None:
+    """Copy full weights into a (possibly TP-sharded, possibly pipeline) model, slicing each TP parameter;
+    `partial`: `sd` is one part of the model (an imported text encoder), the rest keeps its values."""
     own = model.state_dict()
     n_set = 0
     with torch.no_grad():
@@ -329,7 +364,12 @@ def load_into(model: torch.nn.Module, sd: dict, tp_rank: int = 0, tp: int = 1, p
                 raise ConvertError(f"{name}: shape {tuple(value.shape)} does not fit {tuple(own[target].shape)}")
             own[target].copy_(value.to(own[target].dtype))
             n_set += 1
-    if not pipeline_layers:
+    if partial:  # every parameter of the parts given (e.g. all of `encoder.*`)
+        parts = {k.split(".")[0] for k in sd}
+        unset = [k for k in own if k.split(".")[0] in parts and k not in sd and not k.endswith("._extra_state")]
+        if unset and not pipeline_layers:
+            raise ConvertError(f"{len(unset)} parameters of {', '.join(sorted(parts))} were not given ({unset[0]}, ...)")
+    elif not pipeline_layers:
         expected = [k for k, v in own.items() if isinstance(v, torch.Tensor) and not k.endswith("._extra_state")]
         if n_set != len(expected):
             raise ConvertError(f"loaded {n_set} of {len(expected)} parameters")

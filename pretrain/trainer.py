@@ -15,7 +15,7 @@ import time
 import torch.distributed as dist
 
 from pretrain.callbacks import StepLog, ValidationLoss, from_specs
-from pretrain.checks import absolute_paths, check_config, resolve_tokenizer, uses_pipeline
+from pretrain.checks import absolute_paths, check_config, configure_model, resolve_tokenizer, uses_pipeline
 from pretrain.config import ConfigError, TrainConfig, config_to_dict
 from pretrain.steps import StopFlag, TrainingAborted, TrainState, train_step
 
@@ -48,6 +48,7 @@ class Trainer:
         cfg = self.cfg
         init_distributed(timeout_s=cfg.parallel.timeout_s)
         world, rank = dist.get_world_size(), dist.get_rank()
+        configure_model(cfg)
         self.mode = mode = pick_mode(cfg)
         mode.configure(cfg)
         check_config(cfg, world, mode)
@@ -71,7 +72,11 @@ class Trainer:
         if resume_from is None and cfg.checkpoint.init_from:
             self.state = self.init_weights(model) or self.state
             say(f"initialised from {cfg.checkpoint.init_from} at step {self.state.step}")
+        elif resume_from is None and cfg.model.encoder is not None and cfg.model.encoder.from_hf:
+            self.init_weights(model, hf_encoder=True)
+            say(f"text encoder initialised from {cfg.model.encoder.from_hf} ({cfg.model.encoder.hf_model_type})")
         mode_msg = mode.prepare_model(cfg, model, self.train_ds, self.tokenizer)  # before the optimizer is built
+        self.trainable = [sum(p.numel() for p in model.parameters() if p.requires_grad == t) for t in (True, False)]
         self.engine = build_engine(cfg, model, dp, pipeline=uses_pipeline(cfg))
         self.device = self.engine.device
         if self.state.step:  # a resharded checkpoint: continue its LR schedule too
@@ -115,20 +120,26 @@ class Trainer:
 
         return MetaLM(cfg.model)
 
-    def init_weights(self, model) -> TrainState | None:
-        """Load a consolidated directory into this rank's (TP-sliced, pipeline-stage) model; returns the training
-        position when the directory came from `pretrain.convert reshard`."""
+    def init_weights(self, model, hf_encoder: bool = False) -> TrainState | None:
+        """Load a consolidated directory (or, `hf_encoder`, the text encoder of `model.encoder.from_hf` alone) into
+        this rank's (TP-sliced, pipeline-stage) model; returns the training position when the directory came from
+        `pretrain.convert reshard`."""
         from megatron.core import parallel_state
 
+        from pretrain.hf_encoders import hf_encoder_weights
         from pretrain.model_io import ConvertError, load_into, read_model
 
         cfg = self.cfg
+        where = "model.encoder.from_hf" if hf_encoder else "checkpoint.init_from"
         try:
-            src_cfg, sd, info = read_model(cfg.checkpoint.init_from)
+            if hf_encoder:
+                src_cfg, sd, info = None, hf_encoder_weights(cfg.model), {}
+            else:
+                src_cfg, sd, info = read_model(cfg.checkpoint.init_from)
             load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,
-                      pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0)
+                      pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0, partial=hf_encoder)
         except ConvertError as e:  # not there, damaged, another architecture: one line, exit 2
-            raise ConfigError(f"checkpoint.init_from: {e}") from None
+            raise ConfigError(f"{where}: {e}") from None
         if not (info.get("resume_position") and "step" in info):
             return None
         p, q = cfg.parallel, src_cfg.parallel
@@ -168,7 +179,9 @@ class Trainer:
         counts = cfg.model.param_count()
         frozen = (f" ({counts['vision'] / 1e6:.2f}M in the frozen vision encoder: no gradients, no optimizer state)"
                   if cfg.model.vision is not None and cfg.model.freeze_vision else "")
-        return (f"model: {counts['total'] / 1e6:.1f}M parameters{frozen} | world {world} (dp {dp}, "
+        shard = " per TP rank" if cfg.parallel.tp > 1 or cfg.parallel.pp > 1 else ""
+        split = f" ({self.trainable[0] / 1e6:.2f}M trainable, {self.trainable[1] / 1e6:.2f}M frozen{shard})"
+        return (f"model: {counts['total'] / 1e6:.1f}M parameters{split}{frozen} | world {world} (dp {dp}, "
                 f"tp {cfg.parallel.tp}, pp {cfg.parallel.pp}) | {cfg.parallel.deepspeed} | {cfg.parallel.precision} | "
                 f"data mode {self.mode.name} | train samples {len(self.train_ds):,} | global batch "
                 f"{cfg.parallel.micro_batch * cfg.parallel.grad_accum * dp} x {cfg.data.seq_length} tokens")

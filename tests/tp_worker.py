@@ -144,3 +144,41 @@ def run_gqa_logits(rank: int, world: int, port: int, model_dir: str, out_dir: st
         torch.save(torch.cat(parts, dim=-1), os.path.join(out_dir, "logits.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_imported(rank: int, world: int, port: int, model_dir: str, out: str, tok_model: str, text: str):
+    """A consolidated MetaLM with an imported (BERT-family, own tokenizer) text encoder at TP=world: one
+    forward/backward (eval mode: no dropout) on re-tokenized spans; rank 0 saves the loss, the encoder output and the
+    encoder's full gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from pretrain.parallel import init_distributed, init_model_parallel
+
+    init_distributed("gloo")
+    init_model_parallel(tp=world, pp=1, seed=1)
+    from data_tools.encoder_tokens import aligner_for
+    from data_tools.objective import SampleConfig, SpanConfig, build_sample, collate
+    from data_tools.tokenizer import Tokenizer
+    from pretrain.model.metalm import MetaLM, encoder_mask
+    from pretrain.model_io import load_into, read_consolidated
+
+    cfg, sd, _ = read_consolidated(model_dir)
+    model = MetaLM(cfg.model).eval()
+    load_into(model, sd, tp_rank=rank, tp=world)
+    tok = Tokenizer(tok_model)
+    aligner = aligner_for(cfg.model.encoder, tok)
+    scfg = SampleConfig(seq_length=128, spans=SpanConfig(span_length=32), encoder_row=256,
+                        encoder_pad_id=cfg.model.encoder.pad_id)
+    ids = np.array((tok.encode(text) * 3)[:129])
+    batch = collate([build_sample(ids, np.zeros(129, dtype=np.int32), i, scfg, aligner) for i in range(2)])
+    loss = model(batch)
+    loss.backward()
+    with torch.no_grad():
+        h = model.encoder(batch["enc_tokens"], batch["enc_positions"], encoder_mask(cfg.model, batch["enc_segments"]))
+    grads = {n: gather_full(p, p.grad) for n, p in model.named_parameters()
+             if p.grad is not None and n.startswith("encoder.")}
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "enc": h, "grads": grads}, out)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -61,13 +61,18 @@ class AttentionMask:
         return cls(backend, create_block_mask(mask_mod, B, None, L, S, device=device))
 
 
-def attend(q_BHLD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+def attend(q_BHLD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask: AttentionMask,
+           dropout_p: float = 0.0) -> torch.Tensor:
     """Keys/values may have fewer heads K than the queries (grouped-query attention: query head h reads kv head
-    h // (H / K)); both backends broadcast them (`enable_gqa`) without materialising the repeat."""
+    h // (H / K)); both backends broadcast them (`enable_gqa`) without materialising the repeat. `dropout_p`: on
+    the attention probabilities (imported encoders in training; SDPA path only: FlexAttention has no dropout)."""
     gqa = k_BKSD.shape[1] != q_BHLD.shape[1]
     if mask.backend == "sdpa":
         return F.scaled_dot_product_attention(q_BHLD, k_BKSD, v_BKSD, attn_mask=mask.data, is_causal=mask.is_causal,
-                                              enable_gqa=gqa)
+                                              dropout_p=dropout_p, enable_gqa=gqa)
+    if dropout_p:
+        raise ValueError("attention dropout needs model.attention_backend=sdpa (FlexAttention has no dropout), or "
+                         "model.encoder.attention_dropout=0")
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = _compiled_flex() if mask.backend == "flex" else flex_attention

@@ -1,6 +1,6 @@
 """Transformer blocks on megatron-core tensor-parallel layers.
 
-Choices: pre-norm RMSNorm; rotary positions (Llama's rotate-half convention, so weights export to HF Llama as
+Our own stacks' choices (the StackConfig defaults): pre-norm RMSNorm; rotary positions (Llama's rotate-half convention, so weights export to HF Llama as
 they are; Llama's `linear` and `llama3` frequency scaling); SwiGLU MLP; no biases. Attention: fused QKV
 `ColumnParallelLinear` with the output laid out per key/value group as (kv_head, {q_1..q_g, k, v}, head_dim) —
 Megatron's grouped-query layout; with kv_heads == heads it is (head, {q,k,v}, head_dim) — so a contiguous
@@ -9,6 +9,13 @@ tensor-parallel split gives each rank whole groups; output projection `RowParall
 ([B, L, d]): without sequence parallelism megatron's layers only act on the last dimension.
 Weights are initialised on CPU at full size and then split (megatron's `use_cpu_initialization`), so TP=1 and
 TP=2 start from the same full weights for the same seed. The same code runs at TP=1.
+
+Variants, as configuration of the same classes (imported models: BERT-family encoders, pretrain/hf_encoders.py):
+LayerNorm with bias instead of RMSNorm; post-norm (add, then norm, and no final norm: BERT) instead of pre-norm; a
+two-matrix GELU MLP (erf or tanh) instead of SwiGLU; biases on every linear layer (a column-parallel bias is split
+with its rows, a row-parallel one is added once after the all-reduce); no rotary (learned absolute positions are the
+embedding's, pretrain/model/encoders.py); dropout on each sublayer output and on the attention probabilities, active
+in training mode only. megatron-core's own TransformerLayer has no post-norm, hence these blocks.
 
 Legend: B batch, L length, d hidden, H local heads (heads / TP), K local kv heads, g = H / K, D head dim.
 """
@@ -95,10 +102,14 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.head_dim
         qkv_out = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
         self.qkv = tp.ColumnParallelLinear(cfg.hidden, qkv_out, config=mp, init_method=init_normal(init_std),
-                                           bias=False, gather_output=False)
+                                           bias=cfg.bias, gather_output=False)
         self.proj = tp.RowParallelLinear(cfg.heads * cfg.head_dim, cfg.hidden, config=mp,
-                                         init_method=init_normal(out_std), bias=False, input_is_parallel=True,
+                                         init_method=init_normal(out_std), bias=cfg.bias, input_is_parallel=True,
                                          skip_bias_add=False)
+        self.dropout_p = cfg.attention_dropout
+        if cfg.bias:  # megatron-core initialises biases to zero already; said here because HF models do the same
+            for layer in (self.qkv, self.proj):
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x_BLd, rope, mask: AttentionMask, cache: "KVCache | None" = None, layer: int = 0):
         B, L, _ = x_BLd.shape
@@ -111,7 +122,8 @@ class SelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # keys/values of this layer: cached ones + these L (the mask spans all of them)
             k, v = cache.update(layer, k, v)
-        o = attend(q, k, v, mask).transpose(1, 2).reshape(B, L, self.local_heads * D)
+        p = self.dropout_p if self.training and cache is None else 0.0
+        o = attend(q, k, v, mask, dropout_p=p).transpose(1, 2).reshape(B, L, self.local_heads * D)
         out, _ = self.proj(o)
         return out
 
@@ -136,18 +148,51 @@ class SwiGLU(nn.Module):
         return out
 
 
+class MLP(nn.Module):
+    """Two matrices with GELU between (BERT's intermediate/output): `up` column-parallel, `down` row-parallel."""
+
+    def __init__(self, cfg: StackConfig, init_std: float, out_std: float):
+        super().__init__()
+        tp = import_mcore().tensor_parallel
+        mp = mp_config()
+        if cfg.ffn_hidden % mp.tensor_model_parallel_size:
+            raise ValueError(f"ffn_hidden {cfg.ffn_hidden} not divisible by tensor parallel size")
+        self.up = tp.ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, config=mp, init_method=init_normal(init_std),
+                                          bias=cfg.bias, gather_output=False)
+        self.down = tp.RowParallelLinear(cfg.ffn_hidden, cfg.hidden, config=mp, init_method=init_normal(out_std),
+                                         bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+
+    def forward(self, x_BLd):
+        h, _ = self.up(x_BLd)
+        out, _ = self.down(F.gelu(h, approximate=self.approximate))
+        return out
+
+
+def make_norm(cfg: StackConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.hidden
+    return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layernorm" else nn.RMSNorm(dim, eps=cfg.norm_eps)
+
+
 class Block(nn.Module):
+    """x + sublayer(norm(x)) (pre-norm), or norm(x + sublayer(x)) (post-norm); dropout on each sublayer output."""
+
     def __init__(self, cfg: StackConfig, init_std: float, n_layers: int):
         super().__init__()
         out_std = init_std / (2.0 * n_layers) ** 0.5  # GPT-2 / Megatron scaled init for residual outputs
-        self.attn_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = SelfAttention(cfg, init_std, out_std)
-        self.mlp_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, init_std, out_std)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = (SwiGLU if cfg.activation == "swiglu" else MLP)(cfg, init_std, out_std)
+        self.post_norm = cfg.norm_position == "post"
+        self.dropout = nn.Dropout(cfg.hidden_dropout) if cfg.hidden_dropout else nn.Identity()
 
     def forward(self, x_BLd, rope, mask: AttentionMask, cache: "KVCache | None" = None, layer: int = 0):
-        x_BLd = x_BLd + self.attn(self.attn_norm(x_BLd), rope, mask, cache, layer)
-        return x_BLd + self.mlp(self.mlp_norm(x_BLd))
+        if self.post_norm:
+            x_BLd = self.attn_norm(x_BLd + self.dropout(self.attn(x_BLd, rope, mask, cache, layer)))
+            return self.mlp_norm(x_BLd + self.dropout(self.mlp(x_BLd)))
+        x_BLd = x_BLd + self.dropout(self.attn(self.attn_norm(x_BLd), rope, mask, cache, layer))
+        return x_BLd + self.dropout(self.mlp(self.mlp_norm(x_BLd)))
 
 
 class KVCache:
@@ -179,24 +224,37 @@ class KVCache:
 
 
 class Stack(nn.Module):
-    """Blocks + final norm. `frozen_layers` leading blocks run without autograd; `checkpoint` recomputes each
-    block in backward (megatron-core's tensor_parallel.checkpoint, which also restores the RNG state)."""
+    """Blocks + final norm (pre-norm stacks; a post-norm stack's last block ends in its norm). `frozen_layers`
+    leading blocks run without autograd and stay in eval mode (no dropout) whatever `train()` says; `checkpoint`
+    recomputes each block in backward (megatron-core's tensor_parallel.checkpoint, which also restores the RNG
+    state)."""
 
     def __init__(self, cfg: StackConfig, init_std: float, rope: bool = True, frozen_layers: int = 0,
                  checkpoint: bool = False):
         super().__init__()
         self.cfg = cfg
+        rope = rope and cfg.positions == "rope"
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if rope else None
         self.layers = nn.ModuleList(Block(cfg, init_std, cfg.layers) for _ in range(cfg.layers))
-        self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.frozen_layers = frozen_layers
         self.checkpoint = checkpoint
         for layer in self.layers[:frozen_layers]:
             layer.requires_grad_(False)
 
-    def forward(self, x_BLd, position_ids_BL, mask: AttentionMask, cache: "KVCache | None" = None):
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for layer in self.layers[:self.frozen_layers]:
+            layer.eval()
+        return self
+
+    def forward(self, x_BLd, position_ids_BL, mask: AttentionMask, cache: "KVCache | None" = None,
+                upto: int | None = None):
+        """`upto` k: the hidden states after the first k blocks (no final norm unless k is every block), as
+        transformers' `hidden_states[k]`."""
         rope = self.rope(position_ids_BL) if self.rope is not None else None
-        for i, layer in enumerate(self.layers):
+        n = len(self.layers) if upto is None else upto
+        for i, layer in enumerate(self.layers[:n]):
             if cache is not None:  # inference with a KV cache (no autograd, no recomputation)
                 x_BLd = layer(x_BLd, rope, mask, cache, i)
             elif i < self.frozen_layers:
@@ -206,7 +264,7 @@ class Stack(nn.Module):
                 x_BLd = self._checkpointed(layer, x_BLd, rope, mask)
             else:
                 x_BLd = layer(x_BLd, rope, mask)
-        return self.norm(x_BLd)
+        return self.norm(x_BLd) if n == len(self.layers) else x_BLd
 
     @staticmethod
     def _checkpointed(layer, x_BLd, rope, mask):

@@ -2,7 +2,10 @@
 
 - `TextEncoder`: all spans of a sample packed in one row (positions restart per span, from the batch), a
   block-diagonal bidirectional mask from `enc_segments` (spans see only themselves), its own vocab-parallel
-  embedding, the decoder's block type. A frozen prefix (embedding + first k blocks) runs without autograd.
+  embedding, the decoder's block type. A frozen prefix (embedding + first k blocks) runs without autograd and in
+  eval mode. An imported (BERT-family) encoder's embedding is word + learned absolute position (+ offset, RoBERTa)
+  + token type 0, then LayerNorm and dropout, then (ELECTRA, embedding_size < hidden) a linear projection; its
+  vocabulary is its own (the loader re-tokenized the spans with its tokenizer).
 - `VisionEncoder`: ViT: non-overlapping patches through a linear patch embedding (a strided Conv2d), learned
   absolute positions, bidirectional blocks, final norm. With `caption_prefix` Lp > 0 (the paper's variant) each
   image's row also holds up to Lp caption-prefix tokens (own embedding + learned positions) after its P patches;
@@ -18,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import ModelConfig, VisionConfig
-from pretrain.model.blocks import Stack, init_normal, mp_config
+from pretrain.model.blocks import Stack, init_normal, make_norm, mp_config
 from pretrain.parallel import import_mcore
 
 
@@ -27,19 +30,51 @@ class TextEncoder(nn.Module):
         super().__init__()
         tp = import_mcore().tensor_parallel
         ecfg = cfg.encoder
+        e = ecfg.embedding_size or ecfg.hidden
         self.frozen = cfg.freeze_encoder_layers
-        self.embedding = tp.VocabParallelEmbedding(cfg.vocab_size, ecfg.hidden, init_method=init_normal(cfg.init_std),
-                                                   config=mp_config())
+        self.embedding = tp.VocabParallelEmbedding(ecfg.vocab_size or cfg.vocab_size, e,
+                                                   init_method=init_normal(cfg.init_std), config=mp_config())
+        self.learned_positions = ecfg.positions == "learned"
+        self.position_offset = ecfg.position_offset
+        if self.learned_positions:  # replicated: small, and identical on every TP rank
+            self.positions = nn.Embedding(ecfg.max_positions, e)
+            nn.init.normal_(self.positions.weight, std=cfg.init_std)
+        if ecfg.type_vocab_size:
+            self.token_types = nn.Embedding(ecfg.type_vocab_size, e)
+            nn.init.normal_(self.token_types.weight, std=cfg.init_std)
+        self.emb_norm = make_norm(ecfg, e) if ecfg.embedding_norm else nn.Identity()
+        self.emb_dropout = nn.Dropout(ecfg.hidden_dropout) if ecfg.hidden_dropout else nn.Identity()
+        self.emb_projection = nn.Linear(e, ecfg.hidden) if e != ecfg.hidden else None
         self.stack = Stack(ecfg, cfg.init_std, frozen_layers=self.frozen, checkpoint=cfg.activation_checkpointing)
         if self.frozen:
-            self.embedding.requires_grad_(False)
+            for m in self.embedding_modules():
+                m.requires_grad_(False)
             if self.frozen == ecfg.layers:
                 self.stack.norm.requires_grad_(False)
 
-    def forward(self, tokens_BTe, positions_BTe, mask):
+    def embedding_modules(self) -> list[nn.Module]:
+        return [m for m in (self.embedding, getattr(self, "positions", None), getattr(self, "token_types", None),
+                            self.emb_norm, self.emb_dropout, self.emb_projection) if m is not None]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            for m in self.embedding_modules():
+                m.eval()
+        return self
+
+    def forward(self, tokens_BTe, positions_BTe, mask, upto: int | None = None):
+        """[B, Te, d]: the last hidden states, or (`upto` k) those after the first k blocks."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             x = self.embedding(tokens_BTe)
-        return self.stack(x, positions_BTe, mask)
+            if self.learned_positions:
+                x = x + self.positions(positions_BTe + self.position_offset)
+            if hasattr(self, "token_types"):
+                x = x + self.token_types.weight[0]  # every span is one segment of type 0
+            x = self.emb_dropout(self.emb_norm(x))
+            if self.emb_projection is not None:
+                x = self.emb_projection(x)
+        return self.stack(x, positions_BTe, mask, upto=upto)
 
 
 class VisionEncoder(nn.Module):

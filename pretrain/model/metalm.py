@@ -129,9 +129,12 @@ def decoder_mask(cfg: ModelConfig, document_ids_BT: torch.Tensor) -> AttentionMa
 
 
 def encoder_mask(cfg: ModelConfig, enc_segments_BTe: torch.Tensor) -> AttentionMask:
+    """Block-diagonal over the spans; an encoder with attention dropout (imported) uses the dense SDPA path, the one
+    backend that drops attention probabilities."""
     B, Te = enc_segments_BTe.shape
+    backend = "sdpa" if cfg.encoder.attention_dropout else cfg.attention_backend
     return AttentionMask.build(masks.block_diagonal(enc_segments_BTe), B, Te, None, enc_segments_BTe.device,
-                               cfg.attention_backend)
+                               backend)
 
 
 def token_losses(logits_BTv: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

@@ -137,10 +137,12 @@ class FinetuneMode(Mode):
     def build_data(self, cfg, tokenizer, dp: int):
         """Task rows; validation is accuracy (the finetune_best callback), not perplexity."""
         from data_tools.task_rows import build_task_rows
+        from pretrain.modes.text import encoder_aligner
 
         f = cfg.finetune
         rows = build_task_rows(f.tasks, f.data_dir, tokenizer, cfg.data.seq_length, train_rows(cfg, dp),
-                               resolved(cfg)[1], cfg.seed, f.max_items, f.weights, f.pack)
+                               resolved(cfg)[1], cfg.seed, f.max_items, f.weights, f.pack,
+                               encoder_aligner(cfg, tokenizer))
         return rows, {}
 
     def prepare_model(self, cfg, model, train_ds, tokenizer) -> str:

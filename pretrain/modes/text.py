@@ -25,7 +25,19 @@ def build_text(cfg, tokenizer, num_samples):
     """[train, valid, test] text datasets of the run: its `data.*` section, its seed, its resolved data mode."""
     from data_tools.datasets import build_datasets
 
-    return build_datasets(cfg.data, tokenizer, num_samples, seed=cfg.seed, mode=data_mode(cfg))
+    return build_datasets(cfg.data, tokenizer, num_samples, seed=cfg.seed, mode=data_mode(cfg),
+                          aligner=encoder_aligner(cfg, tokenizer))
+
+
+def encoder_aligner(cfg, tokenizer):
+    """Re-tokenization for a text encoder with its own tokenizer (an imported BERT-family one), else None."""
+    from data_tools.cli import UserError
+    from data_tools.encoder_tokens import aligner_for
+
+    try:
+        return aligner_for(cfg.model.encoder, tokenizer)
+    except UserError as e:
+        raise ConfigError(f"model.encoder.tokenizer: {e}") from None
 
 
 def valid_sets(valid_ds) -> dict:
@@ -83,3 +95,23 @@ class TextMode(Mode):
         warn_if_span_cap_binds(cfg)
         train_ds, valid_ds, _ = build_text(cfg, tokenizer, [train_rows(cfg, dp), valid_rows(cfg, dp), 0])
         return train_ds, valid_sets(valid_ds)
+
+    def prepare_model(self, cfg, model, train_ds, tokenizer) -> str:
+        return alignment_line(train_ds)
+
+
+def alignment_line(ds, n: int = 64) -> str:
+    """For an encoder with its own tokenizer: what re-tokenizing the spans of the first n samples gave."""
+    aligner = getattr(ds, "aligner", None)
+    if aligner is None or len(ds) == 0:
+        return ""
+    from data_tools.encoder_tokens import AlignStats
+
+    aligner.stats = AlignStats()
+    for i in range(min(n, len(ds))):
+        ds[i]
+    st = aligner.stats
+    return (f"text encoder tokenizer {aligner.encoder_tok.file}: first {min(n, len(ds))} samples: {st.spans} spans "
+            f"encoded ({st.slots} decoder slots -> {st.encoder_tokens} encoder tokens, {st.unk_slots} slots on the "
+            f"unknown token); back to causal: {st.dropped_empty} empty, {st.dropped_long} too long, "
+            f"{st.dropped_row_full} past the encoder row ({ds.cfg.encoder_row} positions)")

@@ -19,6 +19,9 @@ class VisionLanguageMode(TextMode):
                               "or model.vision=...)")
         if not 0 < cfg.data.image_fraction <= 1:
             raise ConfigError(f"data.image_fraction={cfg.data.image_fraction}: expected a share in (0, 1]")
+        if cfg.model.encoder is not None and cfg.model.encoder.tokenizer:
+            raise ConfigError("model.encoder.tokenizer: a text encoder with its own tokenizer is not available in "
+                              "vision-language training yet (text-only pretraining and finetuning dock it)")
         check_text_data(cfg)
 
     def absolute_paths(self, cfg) -> None:
