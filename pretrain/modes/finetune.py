@@ -62,10 +62,12 @@ def trainable(name: str, mode: str) -> bool:
 
 
 def apply_mode(model, mode: str) -> dict:
-    """Freeze what `mode` does not train; returns {"trainable": n, "frozen": n} parameter counts."""
+    """Freeze what `mode` does not train; what the model itself freezes (an imported encoder's bottom layers,
+    `model.encoder.trainable_top_layers`; a frozen vision encoder) stays frozen. Returns {"trainable": n,
+    "frozen": n} parameter counts."""
     counts = {"trainable": 0, "frozen": 0}
     for name, p in model.named_parameters():
-        keep = trainable(name, mode)
+        keep = trainable(name, mode) and p.requires_grad
         p.requires_grad_(keep)
         counts["trainable" if keep else "frozen"] += p.numel()
     if counts["trainable"] == 0:
