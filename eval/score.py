@@ -71,6 +71,8 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
     if placement == "encoder" and getattr(model, "encoder", None) is None:
         raise ValueError("placement 'encoder' needs a model with a text encoder (this one is a GPT baseline: use "
                          "--placement causal)")
+    from eval.inference import model_aligner
+
     aligner = model_aligner(model, tok) if placement == "encoder" else None
     seqs = []
     for i, item in enumerate(items):
@@ -119,17 +121,6 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
                       choice_chars=[[max(1, len(c)) for c in task.choices(it)] for it in items],
                       truncated_sequences=sum(1 for s in seqs if s.truncated),
                       truncated_tokens=sum(s.truncated for s in seqs))
-
-
-def model_aligner(model, tok):
-    """Re-tokenization for a text encoder with its own tokenizer (data_tools/encoder_tokens.py), built once per
-    model; None for encoders that share the decoder's vocabulary."""
-    from data_tools.encoder_tokens import aligner_for
-
-    cfg = getattr(getattr(model, "module", model), "cfg", None)
-    if not hasattr(model, "_metalm_aligner"):
-        model._metalm_aligner = aligner_for(getattr(cfg, "encoder", None), tok)
-    return model._metalm_aligner
 
 
 def limits(cfg, max_encoder_length: int | None = None) -> tuple[int, int]:

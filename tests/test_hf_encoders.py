@@ -49,8 +49,10 @@ def random_hf(kind: str, out, minilm: str, layers=2, hidden=32, **kw):
         model = transformers.BertModel(transformers.BertConfig(**common))
     elif kind == "roberta":
         model = transformers.RobertaModel(transformers.RobertaConfig(**common))
-    else:
+    elif kind == "electra":
         model = transformers.ElectraModel(transformers.ElectraConfig(embedding_size=hidden // 2, **common))
+    else:  # the discriminator checkpoint as ELECTRA ships it: `electra.` prefix + its prediction head
+        model = transformers.ElectraForPreTraining(transformers.ElectraConfig(embedding_size=hidden // 2, **common))
     with torch.no_grad():  # non-trivial norms and biases (fresh ones are 1 and 0)
         for n, p in model.named_parameters():
             if "LayerNorm" in n or n.endswith("bias"):
@@ -127,21 +129,22 @@ def test_real_minilm_matches_transformers_last_and_chosen_layer(minilm, tmp_path
             torch.testing.assert_close(o, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra", "electra_discriminator"])
 def test_random_family_parity_export_and_round_trip(kind, minilm, tmp_path, tok_model):
     import transformers
     from safetensors.torch import load_file
 
-    src = random_hf(kind, tmp_path / "hf", minilm, hidden_act="gelu_new" if kind == "electra" else "gelu")
+    src = random_hf(kind, tmp_path / "hf", minilm, hidden_act="gelu_new" if kind.startswith("electra") else "gelu")
     model, cfg, _ = import_into_preset(src, tmp_path / "m", tok_model)
     e = cfg.model.encoder
     if kind == "roberta":
         assert e.position_offset == 2 and e.pad_id == 1
-    if kind == "electra":
+    if kind.startswith("electra"):
         assert e.embedding_size == 16 and e.activation == "gelu_tanh"
     cls = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel,
-           "electra": transformers.ElectraModel}[kind]
-    hf = cls.from_pretrained(src).eval()
+           "electra": transformers.ElectraModel, "electra_discriminator": transformers.ElectraModel}[kind]
+    hf = (transformers.ElectraForPreTraining.from_pretrained(src).electra if kind == "electra_discriminator"
+          else cls.from_pretrained(src)).eval()
     from tokenizers import Tokenizer
 
     tk = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
@@ -172,17 +175,22 @@ def test_random_family_parity_export_and_round_trip(kind, minilm, tmp_path, tok_
     ({"hidden_size": 48}, "embeddings.word_embeddings.weight has shape"),
     ({"num_hidden_layers": 3}, "weights have no encoder.layer.2"),
 ])
-def test_refusals_are_one_line_exit_2_nothing_written(edit, message, minilm, tmp_path, tok_model):
+def test_refusals_are_one_line_exit_2_nothing_written(edit, message, minilm, tmp_path, tok_model, capsys):
     src = random_hf("bert", tmp_path / "hf", minilm)
     hc = json.load(open(os.path.join(src, "config.json")))
     hc.update(edit)
     json.dump(hc, open(os.path.join(src, "config.json"), "w"))
-    r = subprocess.run([sys.executable, "-m", "pretrain.convert", "import-encoder", "--hf", src, "--into", "tiny-cpu",
-                        "--out", str(tmp_path / "out"), "--tokenizer-model", str(tok_model)], capture_output=True,
-                       text=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert r.returncode == 2 and len(err) == 1 and message in err[0], r.stderr[-1500:]
-    assert "Traceback" not in r.stderr
+    args = ["import-encoder", "--hf", src, "--into", "tiny-cpu", "--out", str(tmp_path / "out"), "--tokenizer-model",
+            str(tok_model)]
+    if "model_type" in edit:  # once as users run it: a process, its status and its stderr
+        r = subprocess.run([sys.executable, "-m", "pretrain.convert", *args], capture_output=True, text=True, cwd=ROOT,
+                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        code, stderr = r.returncode, r.stderr
+    else:
+        code, stderr = convert_main(args), capsys.readouterr().err
+    err = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(err) == 1 and message in err[0], stderr[-1500:]
+    assert "Traceback" not in stderr
     assert not os.path.exists(tmp_path / "out") and not any(p.name.startswith("out.tmp") for p in tmp_path.iterdir())
 
 
@@ -433,3 +441,24 @@ def test_tp2_equals_tp1_on_an_imported_encoder(small_bert, tmp_path, tok_model):
     assert a["grads"].keys() == b["grads"].keys() and any("qkv.bias" in k for k in a["grads"])
     for k in a["grads"]:
         torch.testing.assert_close(b["grads"][k], a["grads"][k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_generation_passage_goes_through_the_encoders_tokenizer(minilm, tmp_path, tok_model, tok):
+    from tokenizers import Tokenizer
+
+    from eval.generate import GenerationConfig, _prefill_batch, generate_batch
+    from eval.inference import model_aligner
+
+    model, cfg, _ = import_into_preset(minilm, tmp_path / "m", tok_model)
+    passage, prompt = tok.encode("Call me Ishmael. Some years ago"), tok.encode("The whale")
+    aligner = model_aligner(model, tok)
+    batch, _ = _prefill_batch([(passage, [tok.ids.bos] + passage + prompt)], 1 + len(passage) + len(prompt),
+                              tok.ids.pad, "cpu", aligner)
+    tk = Tokenizer.from_file(os.path.join(minilm, "tokenizer.json"))
+    tk.no_padding()
+    want = tk.encode(tok.decode(passage)).ids  # the encoder sees the passage in its own vocabulary
+    assert batch["enc_tokens"][0].tolist() == want and batch["dock_dst"].numel() == len(passage)
+    assert batch["dock_src"].max() < len(want) and len(set(batch["dock_dst"].tolist())) == len(passage)
+    a = generate_batch(model, tok, [prompt], GenerationConfig(6), 128, passages=[passage], stop_ids=())[0].ids
+    b = generate_batch(model, tok, [prompt], GenerationConfig(6), 128, passages=[passage], stop_ids=())[0].ids
+    assert a == b and len(a) == 6

@@ -56,13 +56,20 @@ def gather_full(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=p.partition_dim)
 
 
-def run(rank: int, world: int, tp: int, port: int, out: str, cfg_kw: dict):
+def join_group(rank: int, world: int, port: int) -> None:
+    """This spawned process as rank `rank` of a gloo group of `world` on this machine, one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from pretrain.parallel import init_distributed, init_model_parallel
+    from pretrain.parallel import init_distributed
 
     init_distributed("gloo")
+
+
+def run(rank: int, world: int, tp: int, port: int, out: str, cfg_kw: dict):
+    join_group(rank, world, port)
+    from pretrain.parallel import init_model_parallel
+
     init_model_parallel(tp=tp, pp=1, seed=1)
     from pretrain.model.metalm import MetaLM
 
@@ -82,12 +89,9 @@ def run(rank: int, world: int, tp: int, port: int, out: str, cfg_kw: dict):
 def run_eval(rank: int, world: int, port: int, out_dir: str, tok_model: str, items: list):
     """Score polarity items (both placements) and generate (greedy and sampled, with an encoded passage) at TP=world;
     every rank saves what it got."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from pretrain.parallel import init_distributed, init_model_parallel
+    join_group(rank, world, port)
+    from pretrain.parallel import init_model_parallel
 
-    init_distributed("gloo")
     init_model_parallel(tp=world, pp=1, seed=1)
     from data_tools.tasks import get_task
     from data_tools.tokenizer import Tokenizer
@@ -118,12 +122,9 @@ def run_eval(rank: int, world: int, port: int, out_dir: str, tok_model: str, ite
 def run_gqa_logits(rank: int, world: int, port: int, model_dir: str, out_dir: str):
     """Load a consolidated (grouped-query attention) model split over TP=world and save the full logits of a fixed
     batch from rank 0 (the vocab-parallel shards gathered)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from pretrain.parallel import init_distributed, init_model_parallel
+    join_group(rank, world, port)
+    from pretrain.parallel import init_model_parallel
 
-    init_distributed("gloo")
     init_model_parallel(tp=world, pp=1, seed=1)
     from pretrain.model_io import load_into, read_consolidated
     from pretrain.model.metalm import MetaLM
@@ -150,12 +151,9 @@ def run_imported(rank: int, world: int, port: int, model_dir: str, out: str, tok
     """A consolidated MetaLM with an imported (BERT-family, own tokenizer) text encoder at TP=world: one
     forward/backward (eval mode: no dropout) on re-tokenized spans; rank 0 saves the loss, the encoder output and the
     encoder's full gradients."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from pretrain.parallel import init_distributed, init_model_parallel
+    join_group(rank, world, port)
+    from pretrain.parallel import init_model_parallel
 
-    init_distributed("gloo")
     init_model_parallel(tp=world, pp=1, seed=1)
     from data_tools.encoder_tokens import aligner_for
     from data_tools.objective import SampleConfig, SpanConfig, build_sample, collate

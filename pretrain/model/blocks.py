@@ -128,44 +128,33 @@ class SelfAttention(nn.Module):
         return out
 
 
-class SwiGLU(nn.Module):
+class FeedForward(nn.Module):
+    """The MLP: column-parallel input matrices (`gate` and `up` for SwiGLU, `up` alone for GELU: BERT's
+    intermediate), row-parallel `down` (BERT's output); biases where the stack has them."""
+
     def __init__(self, cfg: StackConfig, init_std: float, out_std: float):
         super().__init__()
         tp = import_mcore().tensor_parallel
         mp = mp_config()
         if cfg.ffn_hidden % mp.tensor_model_parallel_size:
             raise ValueError(f"ffn_hidden {cfg.ffn_hidden} not divisible by tensor parallel size")
-        col = dict(config=mp, init_method=init_normal(init_std), bias=False, gather_output=False)
-        self.gate = tp.ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, **col)
+        col = dict(config=mp, init_method=init_normal(init_std), bias=cfg.bias, gather_output=False)
+        self.swiglu = cfg.activation == "swiglu"
+        if self.swiglu:
+            self.gate = tp.ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, **col)
         self.up = tp.ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, **col)
-        self.down = tp.RowParallelLinear(cfg.ffn_hidden, cfg.hidden, config=mp, init_method=init_normal(out_std),
-                                         bias=False, input_is_parallel=True, skip_bias_add=False)
-
-    def forward(self, x_BLd):
-        g, _ = self.gate(x_BLd)
-        u, _ = self.up(x_BLd)
-        out, _ = self.down(F.silu(g) * u)
-        return out
-
-
-class MLP(nn.Module):
-    """Two matrices with GELU between (BERT's intermediate/output): `up` column-parallel, `down` row-parallel."""
-
-    def __init__(self, cfg: StackConfig, init_std: float, out_std: float):
-        super().__init__()
-        tp = import_mcore().tensor_parallel
-        mp = mp_config()
-        if cfg.ffn_hidden % mp.tensor_model_parallel_size:
-            raise ValueError(f"ffn_hidden {cfg.ffn_hidden} not divisible by tensor parallel size")
-        self.up = tp.ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, config=mp, init_method=init_normal(init_std),
-                                          bias=cfg.bias, gather_output=False)
         self.down = tp.RowParallelLinear(cfg.ffn_hidden, cfg.hidden, config=mp, init_method=init_normal(out_std),
                                          bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x_BLd):
-        h, _ = self.up(x_BLd)
-        out, _ = self.down(F.gelu(h, approximate=self.approximate))
+        u, _ = self.up(x_BLd)
+        if self.swiglu:
+            g, _ = self.gate(x_BLd)
+            h = F.silu(g) * u
+        else:
+            h = F.gelu(u, approximate=self.approximate)
+        out, _ = self.down(h)
         return out
 
 
@@ -183,7 +172,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg)
         self.attn = SelfAttention(cfg, init_std, out_std)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = (SwiGLU if cfg.activation == "swiglu" else MLP)(cfg, init_std, out_std)
+        self.mlp = FeedForward(cfg, init_std, out_std)
         self.post_norm = cfg.norm_position == "post"
         self.dropout = nn.Dropout(cfg.hidden_dropout) if cfg.hidden_dropout else nn.Identity()
 
