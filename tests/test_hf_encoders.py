@@ -272,6 +272,11 @@ def test_alignment_equals_brute_force_on_real_text(decoder, minilm, tok, moby_js
             checked += len(piece)
     assert checked > 2000
     assert aligner.stats.unk_slots == 0 or decoder == "bytelevel"
+    import pickle  # DataLoader workers get the aligner pickled: it rebuilds its tables and tokenizer
+
+    again = pickle.loads(pickle.dumps(aligner))
+    probe = np.array(dec.encode(TEXT))
+    assert [x.tolist() for x in again.align([probe])[0]] == [x.tolist() for x in aligner.align([probe])[0]]
 
 
 def test_unknown_and_too_long_spans_are_handled_and_counted(minilm, tok):
