@@ -117,7 +117,7 @@ def trainable_params(model_cfg, mode: str) -> int:
         model = MetaLM(model_cfg)
     # the model's own freezing (an imported encoder's bottom layers) holds in every mode
     return sum(p.numel() for n, p in model.named_parameters() if (trainable(n, mode) if mode else True)
-               and p.requires_grad)
+               and not getattr(p, "frozen_by_model", False))
 
 
 def compute_table(P: dict, nproc: int, model_dirs: dict) -> dict:

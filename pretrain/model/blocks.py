@@ -158,6 +158,14 @@ class FeedForward(nn.Module):
         return out
 
 
+def freeze(module: nn.Module) -> None:
+    """Frozen by the model itself (a frozen encoder prefix, a frozen vision tower): no gradients, and marked so that
+    finetuning's modes (pretrain/modes/finetune.py) keep it frozen."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+        p.frozen_by_model = True
+
+
 def make_norm(cfg: StackConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.hidden
     return nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.norm == "layernorm" else nn.RMSNorm(dim, eps=cfg.norm_eps)
@@ -229,7 +237,7 @@ class Stack(nn.Module):
         self.frozen_layers = frozen_layers
         self.checkpoint = checkpoint
         for layer in self.layers[:frozen_layers]:
-            layer.requires_grad_(False)
+            freeze(layer)
 
     def train(self, mode: bool = True):
         super().train(mode)

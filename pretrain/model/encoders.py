@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import ModelConfig, VisionConfig
-from pretrain.model.blocks import Stack, init_normal, make_norm, mp_config
+from pretrain.model.blocks import Stack, freeze, init_normal, make_norm, mp_config
 from pretrain.parallel import import_mcore
 
 
@@ -48,9 +48,9 @@ class TextEncoder(nn.Module):
         self.stack = Stack(ecfg, cfg.init_std, frozen_layers=self.frozen, checkpoint=cfg.activation_checkpointing)
         if self.frozen:
             for m in self.embedding_modules():
-                m.requires_grad_(False)
+                freeze(m)
             if self.frozen == ecfg.layers:
-                self.stack.norm.requires_grad_(False)
+                freeze(self.stack.norm)
 
     def embedding_modules(self) -> list[nn.Module]:
         return [m for m in (self.embedding, getattr(self, "positions", None), getattr(self, "token_types", None),

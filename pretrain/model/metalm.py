@@ -25,6 +25,7 @@ from pretrain.config import ModelConfig
 from pretrain.model import masks
 from pretrain.model.attention import AttentionMask
 from pretrain.model.connector import build_connector
+from pretrain.model.blocks import freeze
 from pretrain.model.decoder import Decoder, dock
 from pretrain.model.encoders import TextEncoder, VisionEncoder
 from pretrain.parallel import import_mcore
@@ -70,7 +71,7 @@ def build_encoders(module: nn.Module, cfg: ModelConfig) -> None:
                         if cfg.encoder is not None else None)
     module.vision = VisionEncoder(cfg.vision, cfg.init_std, cfg.vocab_size) if cfg.vision is not None else None
     if module.vision is not None and cfg.freeze_vision:
-        module.vision.requires_grad_(False)
+        freeze(module.vision)
     module.vision_connector = (build_connector(cfg.vision_connector, cfg.vision.stack.hidden, cfg.decoder.hidden,
                                                cfg.resampler_queries, cfg.decoder.heads)
                                if cfg.vision is not None else None)

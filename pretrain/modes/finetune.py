@@ -67,7 +67,7 @@ def apply_mode(model, mode: str) -> dict:
     "frozen": n} parameter counts."""
     counts = {"trainable": 0, "frozen": 0}
     for name, p in model.named_parameters():
-        keep = trainable(name, mode) and p.requires_grad
+        keep = trainable(name, mode) and not getattr(p, "frozen_by_model", False)
         p.requires_grad_(keep)
         counts["trainable" if keep else "frozen"] += p.numel()
     if counts["trainable"] == 0:
