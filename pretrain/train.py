@@ -82,11 +82,44 @@ def _main(argv: Sequence[str] | None = None) -> int:
                         max_new_tokens=40, max_seq_length=cfg.model.max_seq_length)
         if dist.get_rank() == 0:
             print(f"\nprompt: {args.generate!r}\ncontinuation: {text!r}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    result.clear()  # the engine: its async communication handles go now, while the process groups still exist
+    shut_down_distributed()
     return 0
 
 
+def shut_down_distributed() -> None:
+    """Release what holds process groups (the engine, megatron-core's group registry), then destroy them, on every
+    rank together."""
+    if not dist.is_initialized():
+        return
+    import gc
+
+    from megatron.core import parallel_state
+
+    gc.collect()
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def cli() -> None:
+    """The command (`python -m pretrain.train`, `metalm-train`): main(), then an exit that skips the interpreter's
+    finalization. Why: a run that finished, saved and destroyed its process groups could still abort at exit
+    (SIGABRT, "terminate called without an active exception", seen once in CI on a 2-rank gloo run): C++ objects
+    that DeepSpeed or torch keep alive past `destroy_process_group` are destroyed while the interpreter is torn down
+    (pytorch/pytorch#179291 describes the gloo case). The launcher would then report a finished run as failed. Every
+    file this process writes is closed before main() returns; stdout/stderr and logging are flushed here."""
+    import logging
+
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
