@@ -20,6 +20,7 @@ Legend: m decoder tokens of a span; n encoder tokens (specials included).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -211,14 +212,59 @@ class SpanAligner:
         pws = np.array([len(p) - len(p.lstrip()) if p.strip() else 0 for p in parts], dtype=np.int64)
         return "".join(parts), np.cumsum(plen) - plen + pws
 
+    def texts_and_chars(self, pieces: list[np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
+        """`text_and_chars` for all pieces of a sample at once (one join and one pass over the bytes; the batch
+        loader's hot path, bench/batch_building.py); a piece with invalid UTF-8 inside falls back to
+        `text_and_chars`."""
+        n = np.array([len(p) for p in pieces], dtype=np.int64)
+        ids = np.concatenate(pieces).astype(np.int64, copy=False)
+        lens = self.lengths[ids]
+        tok_end = np.cumsum(lens)
+        first = tok_end - lens + self.lead_ws[ids]  # byte of each slot's first non-whitespace character
+        raw = b"".join([self.surfaces[i] for i in ids.tolist()])
+        b = np.frombuffer(raw, dtype=np.uint8)
+        lead = (b & 0xC0) != 0x80
+        lead_at = np.flatnonzero(lead)
+        leads_upto = np.concatenate([[0], np.cumsum(lead)])  # leads_upto[x]: lead bytes in b[:x]
+        piece_end_tok = np.cumsum(n)
+        piece_end = np.where(piece_end_tok > 0, tok_end[np.maximum(piece_end_tok - 1, 0)], 0)
+        piece_start = np.concatenate([[0], piece_end[:-1]])
+        texts, heads, tails, bad = [], [], [], []
+        for k, (ps, pe) in enumerate(zip(piece_start.tolist(), piece_end.tolist())):
+            i = int(np.searchsorted(lead_at, ps))
+            head = int(lead_at[i]) if i < len(lead_at) and lead_at[i] < pe else pe  # a cut character's tail bytes
+            tail = pe
+            j = int(np.searchsorted(lead_at, pe)) - 1
+            if j >= 0 and lead_at[j] >= head:  # a character cut by the span's end: not the span's text
+                last = int(lead_at[j])
+                need = 1 + int(b[last] >= 0xC0) + int(b[last] >= 0xE0) + int(b[last] >= 0xF0)
+                if last + need > pe:
+                    tail = last
+            try:
+                texts.append(raw[head:tail].decode("utf-8"))
+            except UnicodeDecodeError:
+                texts.append("")
+                bad.append(k)
+            heads.append(head)
+            tails.append(tail)
+        head_s, tail_s = np.repeat(heads, n), np.repeat(tails, n)
+        nchar_s = np.repeat([len(t) for t in texts], n)
+        c = np.maximum(leads_upto[np.minimum(first + 1, len(b))] - leads_upto[head_s] - 1, 0)
+        c = np.where(first >= tail_s, nchar_s, c)
+        chars = np.split(c, piece_end_tok[:-1])
+        for k in bad:  # invalid UTF-8 inside the span (not a cut character): each token decoded on its own
+            texts[k], chars[k] = self.text_and_chars(pieces[k])
+        return texts, chars
+
     def align(self, pieces: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """For each piece: (encoder ids [n], encoder index of each decoder slot [m]) or None (not encodable:
         counted in `stats`)."""
-        texts, chars = zip(*[self.text_and_chars(p) for p in pieces]) if pieces else ((), ())
+        if not pieces:
+            return []
+        texts, chars = self.texts_and_chars(pieces)
         out = []
         st = self.stats
-        for enc, c in zip(self.encoder_tok.encode_batch(list(texts)), chars):
-            got, why = self._place(enc, c)
+        for got, why in self._place_all(self.encoder_tok.encode_batch(texts), chars):
             if why == "empty":
                 st.dropped_empty += 1
             elif why == "long":
@@ -233,22 +279,46 @@ class SpanAligner:
             out.append(got)
         return out
 
+    def _place_all(self, encs, chars: list[np.ndarray]) -> list:
+        """Per piece: ((encoder ids, each slot's encoder index), "") or (None, "empty" | "long"). A slot gets the
+        real (non-special) encoder token whose character range covers its character, else the next real token (the
+        last one at the end). All pieces of a sample in one pass: their tokens' and slots' characters are shifted
+        apart by piece and searched together."""
+        ids_l = [e.ids for e in encs]
+        n = np.array([len(x) for x in ids_l], dtype=np.int64)
+        special = np.fromiter(itertools.chain.from_iterable(e.special_tokens_mask for e in encs), dtype=np.int64,
+                              count=int(n.sum()))
+        off = np.array(list(itertools.chain.from_iterable(e.offsets for e in encs)), dtype=np.int64).reshape(-1, 2)
+        piece_of = np.repeat(np.arange(len(encs)), n)
+        within = np.arange(len(special)) - np.repeat(np.cumsum(n) - n, n)  # position inside its piece's ids
+        real = np.flatnonzero(special == 0)
+        n_real = np.bincount(piece_of[real], minlength=len(encs))
+        out: list = []
+        ok = [k for k in range(len(encs)) if n_real[k] and n[k] <= self.max_length]
+        if ok:
+            shift = int(max(off[:, 1].max(initial=0), max(int(c.max(initial=0)) for c in chars)) + 1)
+            keys = off[real, 0] + piece_of[real] * shift
+            lo = np.searchsorted(piece_of[real], np.arange(len(encs)))  # first real token of each piece
+            c_all = np.concatenate([chars[k] for k in ok])
+            k_all = np.repeat(ok, [len(chars[k]) for k in ok])
+            g = np.searchsorted(keys, c_all + k_all * shift, side="right") - 1
+            covered = (g >= lo[k_all]) & (off[real[np.maximum(g, 0)], 1] > c_all)
+            g = np.clip(np.where(covered, g, g + 1), lo[k_all], lo[k_all] + n_real[k_all] - 1)
+            src_all = np.split(within[real[g]], np.cumsum([len(chars[k]) for k in ok])[:-1])
+            placed = dict(zip(ok, src_all))
+        for k in range(len(encs)):
+            if not n_real[k]:
+                out.append((None, "empty"))
+            elif n[k] > self.max_length:
+                out.append((None, "long"))
+            else:
+                out.append(((np.array(ids_l[k], dtype=np.int64), placed[k]), ""))
+        return out
+
     def align_piece(self, ids) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
         """One piece, not counted: (alignment or None, "" | "empty" | "long")."""
         text, c = self.text_and_chars(ids)
-        return self._place(self.encoder_tok.encode_batch([text])[0], c)
-
-    def _place(self, enc, c: np.ndarray):
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        real = np.flatnonzero(np.asarray(enc.special_tokens_mask) == 0)
-        if len(real) == 0:
-            return None, "empty"
-        if len(ids) > self.max_length:
-            return None, "long"
-        off = np.asarray(enc.offsets, dtype=np.int64)[real]
-        k = np.searchsorted(off[:, 0], c, side="right") - 1
-        covered = (k >= 0) & (off[np.maximum(k, 0), 1] > c)
-        return (ids, real[np.clip(np.where(covered, k, k + 1), 0, len(real) - 1)]), ""
+        return self._place_all(self.encoder_tok.encode_batch([text]), [c])[0]
 
 
 def aligner_for(encoder_cfg, decoder_tok) -> SpanAligner | None:

@@ -261,10 +261,13 @@ def test_alignment_equals_brute_force_on_real_text(decoder, minilm, tok, moby_js
     for d in docs:
         ids = dec.encode(d[:4000])
         rng = np.random.default_rng(len(ids))
-        for _ in range(12):
-            s = int(rng.integers(0, max(1, len(ids) - 64)))
-            piece = ids[s:s + int(rng.integers(8, 64))]
-            got = aligner.align([np.array(piece)])[0]
+        starts = [int(rng.integers(0, max(1, len(ids) - 64))) for _ in range(12)]
+        pieces = [ids[s:s + int(rng.integers(1, 64))] for s in starts]  # a sample's spans: aligned in one call
+        texts, chars = aligner.texts_and_chars([np.array(p) for p in pieces])
+        for piece, t, c in zip(pieces, texts, chars):  # the batch path = the one-piece path (cut characters too)
+            one = aligner.text_and_chars(np.array(piece))
+            assert (t, c.tolist()) == (one[0], one[1].tolist())
+        for piece, got in zip(pieces, aligner.align([np.array(p) for p in pieces])):
             enc_ids, src = brute_force(dec, enc_tk, piece)
             assert got is not None
             assert got[0].tolist() == enc_ids  # the same encoder tokens as encoding the span's text
