@@ -3,7 +3,8 @@ with text documents that vision-language pretraining trains on.
 
 - `ImageTextDataset`: sample i draws a (source, row) by Megatron's blending rule over per-source weights (rows of a
   source in a seeded permutation per epoch of it), decodes and normalises its image(s) with Pillow
-  (`vl_samples.load_image`) and builds `<s> <image> [slots] </image> caption </s>` (`vl_samples.build_vl_row`).
+  (`vl_samples.load_image`, or an imported tower's own preprocessing: `vl_samples.Preprocessor`) and builds
+  `<s> <image> [slots] </image> caption </s>` (`vl_samples.build_vl_row`).
   `task="vqa"` builds `question: what is this? answer: <class name>` with only the answer counted (finetuned
   classification, or VQA-format supervision on some sources; `task` may list one task per source);
   `images_per_sample` k > 1 interleaves k image-caption pairs in one row. With the model's
@@ -30,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from data_tools.datasets import blend_order
-from data_tools.vl_samples import Pair, VLIds, build_vl_row, collate_vl, load_image
+from data_tools.vl_samples import OwnPreprocessing, Pair, Preprocessor, VLIds, build_vl_row, collate_vl
 
 VQA_PROMPT = "question: what is this? answer:"
 CAPTION_PROMPT = "Summarize this image:"
@@ -46,6 +47,7 @@ class ImageSampleConfig:
     task: str | tuple = "caption"  # caption | vqa, or one per source (in data.image_path's order)
     images_per_sample: int = 1
     caption_prefix: int = 0  # the model's vision.caption_prefix (0: off)
+    preprocessor: dict | None = None  # an imported tower's preprocessing (vl_samples.Preprocessor); None: ours
 
     def __post_init__(self):
         for t in ([self.task] if isinstance(self.task, str) else self.task):
@@ -160,7 +162,8 @@ class ImageTextDataset:
                 raise ValueError(f"data.seq_length={c.seq_length} is too short for {len(pairs)} image(s) of "
                                  f"{c.slots} slots and their text")
         sample = build_vl_row(pairs, c.slots, c.seq_length, self.ids, c.caption_prefix, c.patches)
-        sample["images"] = np.stack([load_image(self.sources[s].images[r], c.image_size) for s, r in draws])
+        load = Preprocessor(c.preprocessor) if c.preprocessor else OwnPreprocessing(c.image_size)
+        sample["images"] = np.stack([load(self.sources[s].images[r]) for s, r in draws])
         return sample
 
     collate = staticmethod(collate_vl)

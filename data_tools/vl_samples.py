@@ -57,6 +57,179 @@ def load_image(data: bytes, size: int) -> np.ndarray:
     return ((x - MEAN) / STD).transpose(2, 0, 1).copy()
 
 
+# A pretrained tower's preprocessing (its preprocessor_config.json), reproduced with Pillow + numpy in the order and
+# arithmetic of transformers' PIL image processors (convert to RGB over white, resize with the checkpoint's filter,
+# centre crop padding with zeros when the image is smaller, rescale in float64, normalise in float32), so the loader
+# needs neither transformers nor torchvision and gives the pixel values the tower was trained on. The defaults of
+# each processor type are transformers' class defaults, used where the file leaves a key out.
+CLIP_PROCESSOR = dict(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+                      crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
+                      do_normalize=True, image_mean=MEAN.tolist(), image_std=STD.tolist(), do_convert_rgb=True)
+PROCESSOR_DEFAULTS = {
+    "clip": (CLIP_PROCESSOR, False),  # (defaults, default_to_square for an integer size)
+    "siglip": (dict(CLIP_PROCESSOR, size={"height": 224, "width": 224}, do_center_crop=False,
+                    image_mean=[0.5] * 3, image_std=[0.5] * 3), True),
+    "vit": (dict(CLIP_PROCESSOR, size={"height": 224, "width": 224}, resample=2, do_center_crop=False,
+                 image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=False), True),
+}
+PROCESSOR_TYPES = {"CLIPImageProcessor": "clip", "CLIPFeatureExtractor": "clip", "SiglipImageProcessor": "siglip",
+                   "ViTImageProcessor": "vit", "ViTFeatureExtractor": "vit"}
+KNOWN_KEYS = set(CLIP_PROCESSOR) | {"image_processor_type", "feature_extractor_type", "processor_class",
+                                    "default_to_square", "use_square_size", "type"}
+
+
+def preprocessor_config(raw: dict, where: str) -> dict:
+    """A preprocessor_config.json as the fields `Preprocessor` runs (defaults filled in, sizes as dicts), or
+    ValueError naming the field: other processor types, functions we do not reproduce (`do_pad`, ...), a
+    resize without a fixed output size."""
+    name = raw.get("image_processor_type") or raw.get("feature_extractor_type") or ""
+    base = name.removesuffix("Fast").removesuffix("Pil")
+    kind = raw.get("type") or PROCESSOR_TYPES.get(base)
+    if kind not in PROCESSOR_DEFAULTS:
+        raise ValueError(f"{where}: image_processor_type {name!r} is not supported (supported: "
+                         f"{', '.join(sorted(PROCESSOR_TYPES))})")
+    defaults, square = PROCESSOR_DEFAULTS[kind]
+    for key, value in raw.items():
+        if key not in KNOWN_KEYS and key.startswith("do_") and value:
+            raise ValueError(f"{where}: {key}={value!r} is not reproduced by our loader")
+    cfg = {k: raw.get(k, v) for k, v in defaults.items()}
+    square = raw.get("default_to_square", square)
+
+    def as_size(v, field, square):
+        if isinstance(v, int):
+            return {"height": v, "width": v} if square else {"shortest_edge": v}
+        if isinstance(v, dict) and set(v) == {"shortest_edge"} and isinstance(v["shortest_edge"], int):
+            return {"shortest_edge": v["shortest_edge"]}
+        if isinstance(v, dict) and set(v) == {"height", "width"} and all(isinstance(x, int) for x in v.values()):
+            return {"height": v["height"], "width": v["width"]}
+        raise ValueError(f"{where}: {field} {v!r}: expected an integer, {{'shortest_edge': n}} or "
+                         "{'height': h, 'width': w}")
+
+    cfg["size"] = as_size(cfg["size"], "size", square)
+    if raw.get("use_square_size") and "shortest_edge" in cfg["size"]:
+        n = cfg["size"]["shortest_edge"]
+        cfg["size"] = {"height": n, "width": n}
+    cfg["crop_size"] = as_size(cfg["crop_size"], "crop_size", True)
+    if "shortest_edge" in cfg["crop_size"]:
+        raise ValueError(f"{where}: crop_size needs a height and a width")
+    if cfg["resample"] not in range(6):
+        raise ValueError(f"{where}: resample {cfg['resample']!r}: expected a PIL filter number 0..5")
+    for key in ("image_mean", "image_std"):
+        v = cfg[key]
+        v = [v] * 3 if isinstance(v, (int, float)) else v
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+            raise ValueError(f"{where}: {key} {cfg[key]!r}: expected 3 numbers (RGB)")
+        cfg[key] = [float(x) for x in v]
+    out = {k: cfg[k] for k in defaults}
+    out["type"] = kind
+    if output_size(out) is None:
+        raise ValueError(f"{where}: resizing the shortest edge without a centre crop gives no fixed image size")
+    return out
+
+
+def output_size(p: dict) -> tuple[int, int] | None:
+    """(height, width) of what the preprocessor produces, or None when it depends on the image."""
+    if p["do_center_crop"]:
+        return p["crop_size"]["height"], p["crop_size"]["width"]
+    if p["do_resize"] and "height" in p["size"]:
+        return p["size"]["height"], p["size"]["width"]
+    return None
+
+
+def resized_to(p: dict, size: int) -> dict:
+    """The same preprocessing for square images of `size` (a tower whose positions were interpolated): the
+    resize and crop scaled to it."""
+    q = dict(p)
+    q["size"] = ({"shortest_edge": size} if "shortest_edge" in p["size"] else {"height": size, "width": size})
+    if p["do_center_crop"]:
+        q["crop_size"] = {"height": size, "width": size}
+    return q
+
+
+def to_rgb(im):
+    """RGB, with transparency composited on white (transformers' convert_to_rgb and our own loader agree)."""
+    from PIL import Image
+
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im.convert("RGB")
+
+
+class Preprocessor:
+    """bytes -> float32 [3, H, W] by a checkpoint's preprocessing (`preprocessor_config` output); picklable, for
+    DataLoader workers."""
+
+    def __init__(self, p: dict):
+        self.p = p
+        self.mean = np.array(p["image_mean"], dtype=np.float32)
+        self.std = np.array(p["image_std"], dtype=np.float32)
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        """Without do_convert_rgb transformers takes the image's channels as they are; a 3-channel tower needs RGB,
+        so a grey or RGBA image is converted by Pillow's own rule (alpha dropped, as a viewer without a
+        background would show it) rather than refused."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return self.array(to_rgb(im) if self.p["do_convert_rgb"] else im.convert("RGB"))
+
+    def array(self, im) -> np.ndarray:
+        p = self.p
+        if p["do_resize"]:
+            w, h = im.size
+            if "shortest_edge" in p["size"]:
+                n = p["size"]["shortest_edge"]
+                short, long = (w, h) if w <= h else (h, w)
+                new_long = int(n * long / short)
+                out_h, out_w = (new_long, n) if w <= h else (n, new_long)
+            else:
+                out_h, out_w = p["size"]["height"], p["size"]["width"]
+            im = im.resize((out_w, out_h), resample=p["resample"])
+        x = np.asarray(im)  # [H, W, 3] uint8
+        if p["do_center_crop"]:
+            x = center_crop(x, p["crop_size"]["height"], p["crop_size"]["width"])
+        if p["do_rescale"]:
+            x = (x.astype(np.float64) * p["rescale_factor"]).astype(np.float32)
+        else:
+            x = x.astype(np.float32)
+        if p["do_normalize"]:
+            x = (x - self.mean) / self.std
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def center_crop(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """[H, W, C] centre crop; an image smaller than the crop is padded with zeros around it (transformers'
+    rule: the padding's odd pixel goes before)."""
+    H, W = x.shape[:2]
+    top, left = (H - ch) // 2, (W - cw) // 2
+    if top >= 0 and left >= 0:
+        return x[top:top + ch, left:left + cw]
+    nh, nw = max(ch, H), max(cw, W)
+    out = np.zeros((nh, nw) + x.shape[2:], dtype=x.dtype)
+    tp, lp = -(-(nh - H) // 2), -(-(nw - W) // 2)
+    out[tp:tp + H, lp:lp + W] = x
+    top, left = top + tp, left + lp
+    return out[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
+
+
+def image_loader(vision_cfg) -> "Preprocessor | OwnPreprocessing":
+    """What turns image bytes into the tower's pixel values: the checkpoint's preprocessing for an imported tower,
+    our own (`load_image`) otherwise."""
+    if vision_cfg.preprocessor:
+        return Preprocessor(vision_cfg.preprocessor)
+    return OwnPreprocessing(vision_cfg.image_size)
+
+
+class OwnPreprocessing:
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        return load_image(data, self.size)
+
+
 @dataclass(frozen=True)
 class Pair:
     """One image and the text after it: `caption` ids, targets counted from caption index `counted_from` (VQA: the

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from data_tools.image_text import CAPTION_PROMPT, VQA_PROMPT
-from data_tools.vl_samples import Pair, VLIds, build_vl_row, collate_vl, load_image
+from data_tools.vl_samples import Pair, VLIds, build_vl_row, collate_vl, image_loader
 
 # COCO's PTBTokenizer drops these tokens after tokenising
 _PUNCT = re.compile(r"[.,?!:;\-'`\"()\[\]{}]+")
@@ -64,6 +64,7 @@ class VLModel:
         self.ids = VLIds.of(tok)
         self.slots, self.patches, self.size = m.image_slots(), m.vision.patches, m.vision.image_size
         self.prefix = m.vision.caption_prefix
+        self.load = image_loader(m.vision)  # an imported tower's own preprocessing, or ours
 
     def row(self, pairs: list[Pair], T: int) -> dict:
         return build_vl_row(pairs, self.slots, T, self.ids, self.prefix, self.patches)
@@ -86,7 +87,7 @@ def caption_images(vm: VLModel, images: list[bytes], prompt: str, max_new_tokens
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        rows = [dict(vm.row([Pair(p_ids, counted_from=len(p_ids))], n), images=load_image(im, vm.size)[None])
+        rows = [dict(vm.row([Pair(p_ids, counted_from=len(p_ids))], n), images=vm.load(im)[None])
                 for im in chunk]
         batch = {k: v.to(dev) for k, v in collate_vl(rows).items()}
         B = len(chunk)
@@ -161,7 +162,7 @@ def vqa(vm: VLModel, test, train, items: list[int], shots: int, seed: int, batch
         for i in items[start:start + batch_items]:
             rng = np.random.default_rng([seed, i])
             d = rng.choice(len(train), size=shots, replace=False).tolist() if shots else []
-            imgs = np.stack([load_image(b, vm.size) for b in [train.images[j] for j in d] + [test.images[i]]])
+            imgs = np.stack([vm.load(b) for b in [train.images[j] for j in d] + [test.images[i]]])
             groups.append((vqa_pairs(vm, [train.answer(j) for j in d], classes), imgs))
             gold.append(int(test.labels[i]))
         lp = answer_logprobs(vm, groups, len(classes))

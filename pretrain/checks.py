@@ -145,14 +145,17 @@ def resolve_tokenizer(cfg: TrainConfig):
 
 def configure_model(cfg: TrainConfig) -> None:
     """Model settings that come from files: `model.encoder.from_hf` (a pretrained BERT-family encoder's
-    architecture and tokenizer, pretrain/hf_encoders.py)."""
-    from pretrain.hf_encoders import apply_from_hf
+    architecture and tokenizer, pretrain/hf_encoders.py) and `model.vision.from_hf` (a CLIP / SigLIP / ViT tower's
+    architecture and preprocessing, pretrain/hf_vision.py)."""
+    from pretrain import hf_encoders, hf_vision
     from pretrain.model_io import ConvertError
 
-    try:
-        apply_from_hf(cfg.model)
-    except (ConvertError, ValueError) as e:
-        raise ConfigError(f"model.encoder.from_hf: {e}") from None
+    for key, apply in (("model.encoder.from_hf", hf_encoders.apply_from_hf),
+                       ("model.vision.from_hf", hf_vision.apply_from_hf)):
+        try:
+            apply(cfg.model)
+        except (ConvertError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
 
 
 def preflight(cfg: TrainConfig, world: int | None) -> None:

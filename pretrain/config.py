@@ -25,7 +25,7 @@ ROPE_SCALING = {  # supported rope_scaling types and their keys (transformers' n
 
 
 NORMS, NORM_POSITIONS, ACTIVATIONS, POSITIONS = ("rmsnorm", "layernorm"), ("pre", "post"), \
-    ("swiglu", "gelu", "gelu_tanh"), ("rope", "learned")
+    ("swiglu", "gelu", "gelu_tanh", "quick_gelu"), ("rope", "learned")
 
 
 @dataclass
@@ -44,11 +44,12 @@ class StackConfig:
     rope_scaling: dict | None = None  # None, {"type": "linear", "factor": f} or {"type": "llama3", ...} (ROPE_SCALING)
     norm: str = "rmsnorm"  # rmsnorm | layernorm (with bias)
     norm_position: str = "pre"  # pre (norm -> sublayer -> add; a final norm) | post (add -> norm, BERT; no final norm)
-    activation: str = "swiglu"  # swiglu | gelu (erf) | gelu_tanh: a two-matrix MLP with that activation
+    activation: str = "swiglu"  # swiglu | gelu (erf) | gelu_tanh | quick_gelu (CLIP): a two-matrix MLP with that one
     bias: bool = False  # biases on the attention and MLP linear layers
     positions: str = "rope"  # rope | learned (absolute positions added to the embedding: encoders only)
     hidden_dropout: float = 0.0  # on each sublayer's output (and the embedding), in training mode only
     attention_dropout: float = 0.0  # on the attention probabilities, in training mode only
+    final_norm: bool = True  # pre-norm stacks: a norm after the last block (CLIP's vision tower has none)
 
     def __post_init__(self):
         for key, allowed in (("norm", NORMS), ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS),
@@ -91,7 +92,7 @@ class StackConfig:
         return self.hidden * (2 if self.norm == "layernorm" else 1)
 
     def final_norm_params(self) -> int:
-        return self.norm_params() if self.norm_position == "pre" else 0
+        return self.norm_params() if self.norm_position == "pre" and self.final_norm else 0
 
 
 @dataclass
@@ -136,7 +137,9 @@ class EncoderConfig(StackConfig):
 
 @dataclass
 class VisionConfig:
-    """ViT: patch embedding + learned positions + bidirectional blocks (no RoPE)."""
+    """ViT: patch embedding + learned positions + bidirectional blocks (no RoPE). Our own towers: no class token, a
+    patch-embedding bias, pre-norm blocks with a final norm. Imported ones (pretrain/hf_vision.py: CLIP, SigLIP, ViT)
+    set the rest: a class token, CLIP's LayerNorm before the blocks, no final norm, their preprocessing."""
     stack: StackConfig
     image_size: int = 224
     patch_size: int = 16
@@ -144,10 +147,61 @@ class VisionConfig:
     # paper variant (METHOD.md §4): the encoder also reads up to this many caption-prefix tokens, bidirectionally
     # with the patches; their outputs dock into the prefix's decoder positions (0 = images only)
     caption_prefix: int = 0
+    class_token: bool = False  # a learned class embedding before the patches (CLIP, ViT)
+    patch_bias: bool = True  # the patch embedding's bias (CLIP has none)
+    pre_norm: bool = False  # a LayerNorm on the embeddings before the blocks (CLIP's pre_layrnorm)
+    # which features dock: None = the tower's output (transformers' last_hidden_state: after the final norm where
+    # the tower has one); k = transformers' hidden_states[k] (0 the embeddings, -1 the last block, -2 LLaVA's);
+    # blocks above it are not run and not trained
+    feature_layer: int | None = None
+    keep_class_token: bool = True  # with class_token: its feature docks too (False: patches only, as LLaVA)
+    # freezing by layer index: the patch/position embeddings and the bottom blocks frozen, the top k trained;
+    # -1: not used (model.freeze_vision decides: all or nothing)
+    trainable_top_layers: int = -1
+    from_hf: str = ""  # a CLIP / SigLIP / ViT directory: architecture, weights at step 0, preprocessing
+    interpolate_to: int = 0  # from_hf: train at this image size (positions interpolated); 0: the checkpoint's
+    hf_model_type: str = ""  # set from from_hf / import-encoder: clip_vision_model | siglip_vision_model | vit
+    # the checkpoint's preprocessor_config.json (validated, data_tools/vl_samples.Preprocessor); None: our own
+    # (bicubic resize to image_size, CLIP's mean/std)
+    preprocessor: dict | None = None
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.class_token and self.caption_prefix:
+            raise ValueError("caption_prefix with a class token is not supported (the prefix rows follow the "
+                             "patches)")
+        n = self.stack.layers
+        if self.feature_layer is not None and not -(n + 1) <= self.feature_layer <= n:
+            raise ValueError(f"feature_layer {self.feature_layer} not in {-(n + 1)}..{n} ({n} blocks)")
+        if not -1 <= self.trainable_top_layers <= n:
+            raise ValueError(f"trainable_top_layers {self.trainable_top_layers} not in -1..{n}")
 
     @property
     def patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens(self) -> int:
+        """The encoder row per image: patches and the class token."""
+        return self.patches + self.class_token
+
+    @property
+    def features(self) -> int:
+        """Image features that dock per image (before a resampler)."""
+        return self.patches + (self.class_token and self.keep_class_token)
+
+    @property
+    def blocks_run(self) -> int:
+        """Blocks the features need (feature_layer k: the first k)."""
+        n, k = self.stack.layers, self.feature_layer
+        return n if k is None else (k if k >= 0 else n + 1 + k)
+
+    @property
+    def frozen_layers(self) -> int:
+        """Bottom blocks that do not train with trainable_top_layers k: all but the top k of the blocks run
+        (model.freeze_vision freezes the whole tower instead)."""
+        return max(0, self.blocks_run - self.trainable_top_layers) if self.trainable_top_layers >= 0 else 0
 
 
 @dataclass
@@ -186,6 +240,9 @@ class ModelConfig:
                                  f"encoder.trainable_top_layers {self.encoder.trainable_top_layers} "
                                  f"({self.encoder.layers} layers); set one of them")
             self.freeze_encoder_layers = frozen
+        if self.vision is not None and self.freeze_vision and self.vision.trainable_top_layers > 0:
+            raise ValueError(f"freeze_vision=true contradicts vision.trainable_top_layers "
+                             f"{self.vision.trainable_top_layers}; set one of them")
         if self.encoder is not None and not 0 <= self.freeze_encoder_layers <= self.encoder.layers:
             raise ValueError(f"freeze_encoder_layers {self.freeze_encoder_layers} not in 0..{self.encoder.layers}")
 
@@ -208,7 +265,7 @@ class ModelConfig:
     def image_slots(self) -> int:
         if self.vision is None:
             return 0
-        return self.resampler_queries if self.vision_connector == "resampler" else self.vision.patches
+        return self.resampler_queries if self.vision_connector == "resampler" else self.vision.features
 
     def param_count(self) -> dict[str, int]:
         """Parameters per part, computed from the shapes (tests check it against a built model)."""
@@ -223,8 +280,9 @@ class ModelConfig:
         if self.vision is not None:
             v = self.vision
             dv = v.stack.hidden
-            out["vision"] = (v.channels * v.patch_size ** 2 * dv + dv + v.patches * dv
-                             + v.stack.layers * v.stack.block_params() + dv
+            out["vision"] = (v.channels * v.patch_size ** 2 * dv + dv * v.patch_bias + v.tokens * dv
+                             + dv * v.class_token + 2 * dv * v.pre_norm
+                             + v.stack.layers * v.stack.block_params() + v.stack.final_norm_params()
                              + ((V + v.caption_prefix) * dv if v.caption_prefix else 0))
             out["vision_connector"] = connector_params(self.vision_connector, dv, dd, self.resampler_queries)
         out["total"] = sum(out.values())

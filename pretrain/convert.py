@@ -100,6 +100,35 @@ def export_hf(model_dir: str, out: str, dtype: str = "fp32") -> str:
     return write_dir(out, write)
 
 
+def export_encoder_part(model: str, out: str, part: str = "auto", vision_type: str = "", dtype: str = "fp32") -> str:
+    """export-encoder: the text encoder (pretrain/hf_encoders.py) or the vision encoder (pretrain/hf_vision.py)."""
+    from pretrain.hf_encoders import export_encoder
+    from pretrain.hf_vision import export_vision
+
+    if part == "auto":  # the encoder that has a Hugging Face form (an imported one, or a tower of CLIP/SigLIP shape)
+        from pretrain.hf_encoders import MODEL_TYPES
+        from pretrain.hf_vision import EXPORT_TYPES, check_exportable
+
+        cfg = source_config(model)
+        e, v = cfg.model.encoder, cfg.model.vision
+        text = e is not None and e.hf_model_type in MODEL_TYPES
+
+        def fits(kind):
+            try:
+                check_exportable(v, kind)
+                return True
+            except ConvertError:
+                return False
+
+        vision = v is not None and (bool(v.hf_model_type) or any(fits(k) for k in EXPORT_TYPES.values()))
+        if text and vision:
+            raise ConvertError(f"{model} has a text and a vision encoder: --part text or --part vision")
+        part = "vision" if vision or (v is not None and (vision_type or e is None)) else "text"
+    if part == "vision":
+        return export_vision(model, out, vision_type, dtype)
+    return export_encoder(model, out, dtype)
+
+
 def import_hf(hf_dir: str, out: str, encoder_preset: str = "") -> str:
     """A LlamaForCausalLM directory -> our consolidated format (decoder; optionally a fresh text encoder). Its own
     tokenizer comes along: tokenizer.model (SentencePiece), else tokenizer.json, else vocab.json + merges.txt."""
@@ -192,20 +221,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--out", required=True)
     i.add_argument("--encoder-preset", default="", help="add a fresh text encoder + connector of this preset")
     ie = sub.add_parser("import-encoder", help="Hugging Face BertModel / RobertaModel / ElectraModel directory -> the "
-                        "text encoder (with its own tokenizer) of a MetaLM")
-    ie.add_argument("--hf", required=True, help="the encoder's directory (config.json, weights, tokenizer files)")
+                        "text encoder (with its own tokenizer) of a MetaLM; CLIP / SigLIP / ViT -> its vision encoder "
+                        "(with its preprocessing)")
+    ie.add_argument("--hf", required=True, help="the encoder's directory (config.json, weights, tokenizer files or "
+                    "preprocessor_config.json)")
     ie.add_argument("--into", required=True, help="a consolidated dir or checkpoint whose decoder is kept, or a "
                     "preset name (a fresh decoder)")
     ie.add_argument("--out", required=True)
     ie.add_argument("--trainable-top-layers", type=int, default=-1,
                     help="train only the top k encoder layers (paper: 2); -1: all (default)")
     ie.add_argument("--tokenizer-model", default="", help="the decoder's tokenizer (required with a preset)")
+    ie.add_argument("--image-size", type=int, default=0, help="vision: train at this image size (positions "
+                    "interpolated as transformers' interpolate_pos_encoding); 0: the checkpoint's")
+    ie.add_argument("--feature-layer", type=int, default=None, help="vision: dock transformers' hidden_states[k] "
+                    "(-2: LLaVA's) instead of the tower's output")
+    ie.add_argument("--drop-class-token", action="store_true", help="vision: dock the patch features only")
+    ie.add_argument("--freeze-vision", action="store_true", help="vision: the whole tower frozen (the connector "
+                    "trains)")
+    ie.add_argument("--keep-connector", action="store_true", help="vision: keep --into's vision connector (a tower "
+                    "exported from that model, docked back) instead of a new one")
     ie.add_argument("--seed", type=int, default=1234, help="for the new connector (and a preset's fresh decoder)")
     ee = sub.add_parser("export-encoder", help="the text encoder of a consolidated dir or checkpoint -> its own "
                         "Hugging Face type")
     ee.add_argument("--model", required=True)
     ee.add_argument("--out", required=True)
     ee.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ee.add_argument("--part", choices=["auto", "text", "vision"], default="auto",
+                    help="which encoder (auto: the one the model has)")
+    ee.add_argument("--vision-type", choices=["clip", "siglip"], default="",
+                    help="vision: the Hugging Face type to write (default: the imported tower's, else the one the "
+                         "tower's structure matches)")
     args = p.parse_args(argv)
     import warnings
 
@@ -234,13 +279,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               resolve_tokenizer(cfg, args.tokenizer_model), info)
                     print(f"wrote {export_hf(cons, args.out, args.dtype)}")
         elif args.cmd == "import-encoder":
-            from pretrain.hf_encoders import import_encoder
+            from pretrain.hf_encoders import MODEL_TYPES, import_encoder, read_hf_config
+            from pretrain.hf_vision import CONTAINERS, TOWERS, import_vision, is_vision_dir
 
-            print(f"wrote {import_encoder(args.hf, args.into, args.out, args.trainable_top_layers, args.tokenizer_model, args.seed)}")
+            kind = read_hf_config(args.hf).get("model_type")
+            if kind not in MODEL_TYPES + TOWERS + tuple(CONTAINERS):
+                raise ConvertError(f"{os.path.join(args.hf, 'config.json')}: model_type {kind!r} cannot be imported "
+                                   f"as an encoder (text: {', '.join(MODEL_TYPES)}; vision: "
+                                   f"{', '.join(TOWERS + tuple(CONTAINERS))})")
+            if is_vision_dir(args.hf):
+                out = import_vision(args.hf, args.into, args.out, args.image_size, args.feature_layer,
+                                    not args.drop_class_token, args.trainable_top_layers, args.freeze_vision,
+                                    args.tokenizer_model, args.seed, args.keep_connector)
+            else:
+                out = import_encoder(args.hf, args.into, args.out, args.trainable_top_layers, args.tokenizer_model,
+                                     args.seed)
+            print(f"wrote {out}")
         elif args.cmd == "export-encoder":
-            from pretrain.hf_encoders import export_encoder
-
-            print(f"wrote {export_encoder(args.model, args.out, args.dtype)}")
+            print(f"wrote {export_encoder_part(args.model, args.out, args.part, args.vision_type, args.dtype)}")
         else:
             print(f"wrote {import_hf(args.hf, args.out, args.encoder_preset)}")
     except (ConvertError, UserError) as e:

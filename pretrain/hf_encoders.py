@@ -285,19 +285,15 @@ def hf_encoder_weights(model_cfg) -> dict:
 
 
 # ---------------------------------------------------------------- the two commands (pretrain/convert.py)
-def import_encoder(hf_dir: str, into: str, out: str, trainable_top_layers: int = -1, tokenizer_model: str = "",
-                   seed: int = 1234) -> str:
-    """A consolidated MetaLM whose text encoder is the Hugging Face encoder of `hf_dir`, with its tokenizer; the
-    decoder (and any vision encoder) from `into` (a consolidated dir or checkpoint, or a preset name: a fresh
-    decoder, with `tokenizer_model` as its tokenizer); the text connector is new (randomly initialised)."""
-    import tempfile
-
+def target_model(into: str, tokenizer_model: str = ""):
+    """(TrainConfig, state dict, decoder tokenizer, info) of what an imported encoder docks into: a consolidated
+    dir or checkpoint (its decoder and other parts kept), or a preset name (a fresh decoder; `tokenizer_model` is
+    its tokenizer)."""
     from data_tools.cli import UserError
     from data_tools.tokenizer import load_from_dir, load_tokenizer, write_to_data_config
-    from pretrain.config import PRESETS, ConfigError, TrainConfig
-    from pretrain.model_io import CONSOLIDATED, locate, read_model, resolve_tokenizer, write_consolidated
+    from pretrain.config import PRESETS, TrainConfig
+    from pretrain.model_io import CONSOLIDATED, locate, read_model, resolve_tokenizer
 
-    enc, enc_sd = load_hf_encoder(hf_dir, trainable_top_layers=trainable_top_layers, from_hf=os.path.abspath(hf_dir))
     if into in PRESETS:
         if not tokenizer_model:
             raise ConvertError(f"--into {into} is a preset (a fresh decoder): --tokenizer-model names its tokenizer")
@@ -317,22 +313,46 @@ def import_encoder(hf_dir: str, into: str, out: str, trainable_top_layers: int =
         raise ConvertError(f"the decoder's tokenizer has {tok.vocab_size} pieces, model.vocab_size is "
                            f"{cfg.model.vocab_size}")
     write_to_data_config(tok, cfg.data)
-    cfg.model.freeze_encoder_layers = 0
-    cfg.model.encoder = enc
+    return cfg, src_sd, tok, info
+
+
+def dock_part(cfg, src_sd: dict, part_sd: dict, replaced: tuple, seed: int) -> dict:
+    """The state dict of `cfg.model` (already holding the imported part's config): the imported tensors, the
+    source's tensors outside the `replaced` prefixes, and freshly initialised ones for the rest (the new
+    connector; with a preset, everything)."""
+    from pretrain.config import ConfigError
+    from pretrain.model.metalm import MetaLM
+    from pretrain.parallel import init_distributed, init_model_parallel, seed_everything
+
     try:
         cfg.model.__post_init__()
     except (ValueError, ConfigError) as e:
         raise ConvertError(str(e)) from None
-    from pretrain.model.metalm import MetaLM
-    from pretrain.parallel import init_distributed, init_model_parallel, seed_everything
-
     init_distributed("gloo")
     init_model_parallel(1, 1)
     seed_everything(seed)
     fresh = {k: v for k, v in MetaLM(cfg.model).state_dict().items() if not k.endswith("._extra_state")}
-    sd = {k: v for k, v in src_sd.items() if not k.startswith(("encoder.", "connector."))}
-    sd.update({k: v for k, v in fresh.items() if k.startswith("connector.") or (not src_sd and k not in enc_sd)})
-    sd.update(enc_sd)
+    sd = {k: v for k, v in src_sd.items() if not k.startswith(replaced)}
+    sd.update({k: v for k, v in fresh.items() if k.startswith(replaced[1:])})
+    sd.update(part_sd)
+    sd.update({k: v for k, v in fresh.items() if k not in sd})  # a preset: everything; else what the part adds
+    return sd
+
+
+def import_encoder(hf_dir: str, into: str, out: str, trainable_top_layers: int = -1, tokenizer_model: str = "",
+                   seed: int = 1234) -> str:
+    """A consolidated MetaLM whose text encoder is the Hugging Face encoder of `hf_dir`, with its tokenizer; the
+    decoder (and any vision encoder) from `into` (a consolidated dir or checkpoint, or a preset name: a fresh
+    decoder, with `tokenizer_model` as its tokenizer); the text connector is new (randomly initialised)."""
+    import tempfile
+
+    from pretrain.model_io import write_consolidated
+
+    enc, enc_sd = load_hf_encoder(hf_dir, trainable_top_layers=trainable_top_layers, from_hf=os.path.abspath(hf_dir))
+    cfg, src_sd, tok, info = target_model(into, tokenizer_model)
+    cfg.model.freeze_encoder_layers = 0
+    cfg.model.encoder = enc
+    sd = dock_part(cfg, src_sd, enc_sd, ("encoder.", "connector."), seed)
     out_parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(out_parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_parent, prefix=".encoder-tok-") as tmp:

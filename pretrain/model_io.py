@@ -57,8 +57,10 @@ def locate(path: str) -> tuple[str, str]:
 
 def tp_dim(name: str) -> int | None:
     """Partition dimension of a tensor-parallel parameter (megatron Column/Row/VocabParallel), None if replicated.
-    Vision and connector parameters are replicated."""
-    if name.startswith(("vision", "connector")):
+    The connectors and the vision encoder's patch / position / class / prefix embeddings are replicated; its blocks
+    are tensor-parallel like the decoder's."""
+    if name.startswith(("connector", "vision_connector")) or (name.startswith("vision.")
+                                                               and not name.startswith("vision.stack.")):
         return None
     for suffix, dim in TP_DIM.items():
         if name.endswith(suffix):

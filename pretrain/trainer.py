@@ -72,9 +72,11 @@ class Trainer:
         if resume_from is None and cfg.checkpoint.init_from:
             self.state = self.init_weights(model) or self.state
             say(f"initialised from {cfg.checkpoint.init_from} at step {self.state.step}")
-        elif resume_from is None and cfg.model.encoder is not None and cfg.model.encoder.from_hf:
-            self.init_weights(model, hf_encoder=True)
-            say(f"text encoder initialised from {cfg.model.encoder.from_hf} ({cfg.model.encoder.hf_model_type})")
+        elif resume_from is None:  # pretrained parts named in the config (model.encoder / model.vision.from_hf)
+            for part, sub in (("text encoder", cfg.model.encoder), ("vision encoder", cfg.model.vision)):
+                if sub is not None and sub.from_hf:
+                    self.init_weights(model, hf_part="vision" if sub is cfg.model.vision else "text")
+                    say(f"{part} initialised from {sub.from_hf} ({sub.hf_model_type})")
         mode_msg = mode.prepare_model(cfg, model, self.train_ds, self.tokenizer)  # before the optimizer is built
         self.trainable = [sum(p.numel() for p in model.parameters() if p.requires_grad == t) for t in (True, False)]
         self.engine = build_engine(cfg, model, dp, pipeline=uses_pipeline(cfg))
@@ -120,24 +122,27 @@ class Trainer:
 
         return MetaLM(cfg.model)
 
-    def init_weights(self, model, hf_encoder: bool = False) -> TrainState | None:
-        """Load a consolidated directory (or, `hf_encoder`, the text encoder of `model.encoder.from_hf` alone) into
-        this rank's (TP-sliced, pipeline-stage) model; returns the training position when the directory came from
-        `pretrain.convert reshard`."""
+    def init_weights(self, model, hf_part: str = "") -> TrainState | None:
+        """Load a consolidated directory (or, `hf_part` text | vision, the encoder of `model.encoder.from_hf` /
+        `model.vision.from_hf` alone) into this rank's (TP-sliced, pipeline-stage) model; returns the training
+        position when the directory came from `pretrain.convert reshard`."""
         from megatron.core import parallel_state
 
         from pretrain.hf_encoders import hf_encoder_weights
+        from pretrain.hf_vision import hf_tower_weights
         from pretrain.model_io import ConvertError, load_into, read_model
 
         cfg = self.cfg
-        where = "model.encoder.from_hf" if hf_encoder else "checkpoint.init_from"
+        where = {"text": "model.encoder.from_hf", "vision": "model.vision.from_hf"}.get(hf_part,
+                                                                                      "checkpoint.init_from")
         try:
-            if hf_encoder:
-                src_cfg, sd, info = None, hf_encoder_weights(cfg.model), {}
+            if hf_part:
+                weights = hf_encoder_weights if hf_part == "text" else hf_tower_weights
+                src_cfg, sd, info = None, weights(cfg.model), {}
             else:
                 src_cfg, sd, info = read_model(cfg.checkpoint.init_from)
             load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,
-                      pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0, partial=hf_encoder)
+                      pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0, partial=bool(hf_part))
         except ConvertError as e:  # not there, damaged, another architecture: one line, exit 2
             raise ConfigError(f"{where}: {e}") from None
         if not (info.get("resume_position") and "step" in info):
@@ -177,8 +182,11 @@ class Trainer:
     def describe(self, world: int, dp: int) -> str:
         cfg = self.cfg
         counts = cfg.model.param_count()
+        v = cfg.model.vision
         frozen = (f" ({counts['vision'] / 1e6:.2f}M in the frozen vision encoder: no gradients, no optimizer state)"
-                  if cfg.model.vision is not None and cfg.model.freeze_vision else "")
+                  if v is not None and cfg.model.freeze_vision else
+                  f" (vision encoder: the top {v.trainable_top_layers} of {v.blocks_run} blocks run train)"
+                  if v is not None and v.trainable_top_layers >= 0 else "")
         shard = " per TP rank" if cfg.parallel.tp > 1 or cfg.parallel.pp > 1 else ""
         split = f" ({self.trainable[0] / 1e6:.2f}M trainable, {self.trainable[1] / 1e6:.2f}M frozen{shard})"
         return (f"model: {counts['total'] / 1e6:.1f}M parameters{split}{frozen} | world {world} (dp {dp}, "

@@ -180,3 +180,41 @@ def run_imported(rank: int, world: int, port: int, model_dir: str, out: str, tok
         torch.save({"loss": loss.detach(), "enc": h, "grads": grads}, out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_imported_vision(rank: int, world: int, port: int, model_dir: str, out: str):
+    """A consolidated MetaLM with an imported vision tower at TP=world: one forward/backward (eval mode) on two rows
+    of image-caption pairs; rank 0 saves the loss, the tower's features and the vision encoder's full gradients."""
+    join_group(rank, world, port)
+    from pretrain.parallel import init_model_parallel
+
+    init_model_parallel(tp=world, pp=1, seed=1)
+    from data_tools.vl_samples import Pair, VLIds, build_vl_row, collate_vl
+    from pretrain.model.metalm import MetaLM
+    from pretrain.model_io import load_into, read_consolidated
+
+    cfg, sd, _ = read_consolidated(model_dir)
+    model = MetaLM(cfg.model).eval()
+    load_into(model, sd, tp_rank=rank, tp=world)
+    v, slots = cfg.model.vision, cfg.model.image_slots()
+    rng = np.random.default_rng(0)
+    ids = VLIds(bos=1, eos=2, pad=3, image=5, image_end=6)
+    cap = [rng.integers(7, 500, n).tolist() for n in (8, 5, 6)]
+    T = 3 * slots + 32
+    rows = [build_vl_row([Pair(cap[0])], slots, T, ids), build_vl_row([Pair(cap[1]), Pair(cap[2])], slots, T, ids)]
+    images = [rng.standard_normal((3, v.image_size, v.image_size)).astype(np.float32) for _ in range(3)]
+    batch = collate_vl(rows, images)
+    loss = model(batch)
+    loss.backward()
+    with torch.no_grad():
+        from pretrain.model import masks
+        from pretrain.model.attention import AttentionMask
+
+        feats = model.vision(batch["images"], AttentionMask.build(masks.full, 3, v.tokens, None,
+                                                                  batch["images"].device, "sdpa"))
+    grads = {n: gather_full(p, p.grad) for n, p in model.named_parameters()
+             if p.grad is not None and n.startswith("vision.")}
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "feats": feats, "grads": grads}, out)
+    dist.barrier()
+    dist.destroy_process_group()

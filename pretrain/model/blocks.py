@@ -12,8 +12,8 @@ TP=2 start from the same full weights for the same seed. The same code runs at T
 
 Variants, as configuration of the same classes (imported models: BERT-family encoders, pretrain/hf_encoders.py):
 LayerNorm with bias instead of RMSNorm; post-norm (add, then norm, and no final norm: BERT) instead of pre-norm; a
-two-matrix GELU MLP (erf or tanh) instead of SwiGLU; biases on every linear layer (a column-parallel bias is split
-with its rows, a row-parallel one is added once after the all-reduce); no rotary (learned absolute positions are the
+two-matrix GELU MLP (erf, tanh or CLIP's quick GELU) instead of SwiGLU; biases on every linear layer (a
+column-parallel bias is split with its rows, a row-parallel one is added once after the all-reduce); no rotary (learned absolute positions are the
 embedding's, pretrain/model/encoders.py); dropout on each sublayer output and on the attention probabilities, active
 in training mode only. megatron-core's own TransformerLayer has no post-norm, hence these blocks.
 
@@ -102,10 +102,10 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.head_dim
         qkv_out = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
         self.qkv = tp.ColumnParallelLinear(cfg.hidden, qkv_out, config=mp, init_method=init_normal(init_std),
-                                           bias=cfg.bias, gather_output=False)
+                                           bias=cfg.bias, gather_output=False, skip_bias_add=True)
         self.proj = tp.RowParallelLinear(cfg.heads * cfg.head_dim, cfg.hidden, config=mp,
                                          init_method=init_normal(out_std), bias=cfg.bias, input_is_parallel=True,
-                                         skip_bias_add=False)
+                                         skip_bias_add=True)
         self.dropout_p = cfg.attention_dropout
         if cfg.bias:  # megatron-core initialises biases to zero already; said here because HF models do the same
             for layer in (self.qkv, self.proj):
@@ -114,8 +114,7 @@ class SelfAttention(nn.Module):
     def forward(self, x_BLd, rope, mask: AttentionMask, cache: "KVCache | None" = None, layer: int = 0):
         B, L, _ = x_BLd.shape
         g, K, D = self.group, self.local_kv_heads, self.head_dim
-        qkv, _ = self.qkv(x_BLd)
-        qkv = qkv.view(B, L, K, g + 2, D)
+        qkv = linear(self.qkv, x_BLd).view(B, L, K, g + 2, D)
         q = qkv[:, :, :, :g].reshape(B, L, K * g, D).transpose(1, 2)  # [B,H,L,D]; head h uses kv head h // g
         k, v = qkv[:, :, :, g].transpose(1, 2), qkv[:, :, :, g + 1].transpose(1, 2)  # [B,K,L,D]
         if rope is not None:
@@ -124,8 +123,19 @@ class SelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)
         p = self.dropout_p if self.training and cache is None else 0.0
         o = attend(q, k, v, mask, dropout_p=p).transpose(1, 2).reshape(B, L, self.local_heads * D)
-        out, _ = self.proj(o)
+        return linear(self.proj, o, inplace=False)
+
+
+def linear(layer, x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+    """A megatron-core parallel linear layer built with `skip_bias_add=True`, its bias added in place: the same
+    numbers as megatron's own add, without allocating a second output-sized tensor (measured: bench.encoder_forward;
+    a column-parallel matmul's output is not saved for backward, so the in-place add is safe under autograd). A
+    row-parallel layer's output is its all-reduce's (at TP=1 its input returned as is, a view autograd may not
+    modify in place): `inplace=False`."""
+    out, bias = layer(x)
+    if bias is None:
         return out
+    return out.add_(bias) if inplace else out + bias
 
 
 class FeedForward(nn.Module):
@@ -138,24 +148,26 @@ class FeedForward(nn.Module):
         mp = mp_config()
         if cfg.ffn_hidden % mp.tensor_model_parallel_size:
             raise ValueError(f"ffn_hidden {cfg.ffn_hidden} not divisible by tensor parallel size")
-        col = dict(config=mp, init_method=init_normal(init_std), bias=cfg.bias, gather_output=False)
+        col = dict(config=mp, init_method=init_normal(init_std), bias=cfg.bias, gather_output=False,
+                   skip_bias_add=True)
         self.swiglu = cfg.activation == "swiglu"
         if self.swiglu:
             self.gate = tp.ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, **col)
         self.up = tp.ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, **col)
         self.down = tp.RowParallelLinear(cfg.ffn_hidden, cfg.hidden, config=mp, init_method=init_normal(out_std),
-                                         bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
+                                         bias=cfg.bias, input_is_parallel=True, skip_bias_add=True)
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.quick = cfg.activation == "quick_gelu"
 
     def forward(self, x_BLd):
-        u, _ = self.up(x_BLd)
+        u = linear(self.up, x_BLd)
         if self.swiglu:
-            g, _ = self.gate(x_BLd)
-            h = F.silu(g) * u
+            h = F.silu(linear(self.gate, x_BLd)) * u
+        elif self.quick:  # CLIP's activation, as transformers' QuickGELUActivation computes it
+            h = u * torch.sigmoid(1.702 * u)
         else:
             h = F.gelu(u, approximate=self.approximate)
-        out, _ = self.down(h)
-        return out
+        return linear(self.down, h, inplace=False)
 
 
 def freeze(module: nn.Module) -> None:
@@ -221,10 +233,10 @@ class KVCache:
 
 
 class Stack(nn.Module):
-    """Blocks + final norm (pre-norm stacks; a post-norm stack's last block ends in its norm). `frozen_layers`
-    leading blocks run without autograd and stay in eval mode (no dropout) whatever `train()` says; `checkpoint`
-    recomputes each block in backward (megatron-core's tensor_parallel.checkpoint, which also restores the RNG
-    state)."""
+    """Blocks + final norm (pre-norm stacks with `final_norm`; a post-norm stack's last block ends in its norm).
+    `frozen_layers` leading blocks run without autograd and stay in eval mode (no dropout) whatever `train()` says;
+    `checkpoint` recomputes each block in backward (megatron-core's tensor_parallel.checkpoint, which also restores
+    the RNG state)."""
 
     def __init__(self, cfg: StackConfig, init_std: float, rope: bool = True, frozen_layers: int = 0,
                  checkpoint: bool = False):
@@ -233,7 +245,7 @@ class Stack(nn.Module):
         rope = rope and cfg.positions == "rope"
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if rope else None
         self.layers = nn.ModuleList(Block(cfg, init_std, cfg.layers) for _ in range(cfg.layers))
-        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" and cfg.final_norm else nn.Identity()
         self.frozen_layers = frozen_layers
         self.checkpoint = checkpoint
         for layer in self.layers[:frozen_layers]:
@@ -246,9 +258,10 @@ class Stack(nn.Module):
         return self
 
     def forward(self, x_BLd, position_ids_BL, mask: AttentionMask, cache: "KVCache | None" = None,
-                upto: int | None = None):
+                upto: int | None = None, final_norm: bool = True):
         """`upto` k: the hidden states after the first k blocks (no final norm unless k is every block), as
-        transformers' `hidden_states[k]`."""
+        transformers' `hidden_states[k]`; `final_norm=False`: never the final norm (vision towers' hidden_states[k]
+        are all before it)."""
         rope = self.rope(position_ids_BL) if self.rope is not None else None
         n = len(self.layers) if upto is None else upto
         for i, layer in enumerate(self.layers[:n]):
@@ -261,7 +274,7 @@ class Stack(nn.Module):
                 x_BLd = self._checkpointed(layer, x_BLd, rope, mask)
             else:
                 x_BLd = layer(x_BLd, rope, mask)
-        return self.norm(x_BLd) if n == len(self.layers) else x_BLd
+        return self.norm(x_BLd) if n == len(self.layers) and final_norm else x_BLd
 
     @staticmethod
     def _checkpointed(layer, x_BLd, rope, mask):

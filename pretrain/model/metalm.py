@@ -25,7 +25,6 @@ from pretrain.config import ModelConfig
 from pretrain.model import masks
 from pretrain.model.attention import AttentionMask
 from pretrain.model.connector import build_connector
-from pretrain.model.blocks import freeze
 from pretrain.model.decoder import Decoder, dock
 from pretrain.model.encoders import TextEncoder, VisionEncoder
 from pretrain.parallel import import_mcore
@@ -69,9 +68,8 @@ def build_encoders(module: nn.Module, cfg: ModelConfig) -> None:
     module.encoder = TextEncoder(cfg) if cfg.encoder is not None else None
     module.connector = (build_connector(cfg.connector, cfg.encoder.hidden, cfg.decoder.hidden)
                         if cfg.encoder is not None else None)
-    module.vision = VisionEncoder(cfg.vision, cfg.init_std, cfg.vocab_size) if cfg.vision is not None else None
-    if module.vision is not None and cfg.freeze_vision:
-        freeze(module.vision)
+    module.vision = (VisionEncoder(cfg.vision, cfg.init_std, cfg.vocab_size, frozen=cfg.freeze_vision)
+                     if cfg.vision is not None else None)
     module.vision_connector = (build_connector(cfg.vision_connector, cfg.vision.stack.hidden, cfg.decoder.hidden,
                                                cfg.resampler_queries, cfg.decoder.heads)
                                if cfg.vision is not None else None)
@@ -111,11 +109,10 @@ def encode_images(cfg: ModelConfig, vision, connector, images, text=None, segmen
         mm = masks.block_diagonal(segments)
         L = segments.shape[1]
     else:
-        mm, L, text = masks.full, cfg.vision.patches, None
+        mm, L, text = masks.full, cfg.vision.tokens, None
     mask = AttentionMask.build(mm, M, L, None, images.device, cfg.attention_backend)
     images = images.to(vision.patch.weight.dtype)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.freeze_vision):
-        feats = vision(images, mask, text)
+    feats = vision(images, mask, text)  # a frozen tower (or part) runs without autograd: VisionEncoder.forward
     return connector(feats).flatten(0, 1)
 
 

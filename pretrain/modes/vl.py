@@ -48,7 +48,8 @@ class VisionLanguageMode(TextMode):
             icfg = ImageSampleConfig(seq_length=d.seq_length, image_size=m.vision.image_size, slots=m.image_slots(),
                                      patches=m.vision.patches, seed=cfg.seed,
                                      task=d.image_task[0] if len(d.image_task) == 1 else tuple(d.image_task),
-                                     images_per_sample=d.images_per_sample, caption_prefix=m.vision.caption_prefix)
+                                     images_per_sample=d.images_per_sample, caption_prefix=m.vision.caption_prefix,
+                                     preprocessor=m.vision.preprocessor)
             images = ImageTextDataset(dirs, weights, "train", icfg, tokenizer, n_img)
             valid_images = ImageTextDataset(dirs, weights, "validation", icfg, tokenizer, n_valid) if n_valid else None
         except ValueError as e:
