@@ -94,7 +94,8 @@ def forward(batch: int, repeats: int) -> list[tuple[str, float]]:
     torch.manual_seed(0)
     hc = transformers.CLIPVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
                                        num_attention_heads=6, image_size=224, patch_size=16)
-    hf = transformers.CLIPVisionModel(hc, attn_implementation="sdpa").eval()
+    hc._attn_implementation = "sdpa"
+    hf = transformers.CLIPVisionModel(hc).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         transformers.CLIPImageProcessor().save_pretrained(d)

@@ -117,7 +117,7 @@ def preprocessor_config(raw: dict, where: str) -> dict:
     for key in ("image_mean", "image_std"):
         v = cfg[key]
         v = [v] * 3 if isinstance(v, (int, float)) else v
-        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
             raise ValueError(f"{where}: {key} {cfg[key]!r}: expected 3 numbers (RGB)")
         cfg[key] = [float(x) for x in v]
     out = {k: cfg[k] for k in defaults}
