@@ -73,6 +73,7 @@ bench: setup
 	$(BIN)/python -m bench.preprocess_throughput
 	$(BIN)/python -m bench.batch_building
 	$(BIN)/python -m bench.encoder_forward
+	$(BIN)/python -m bench.vision_tower
 	$(BIN)/python -m bench.eval_throughput
 	$(BIN)/python -m bench.vl_throughput
 

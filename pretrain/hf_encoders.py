@@ -197,9 +197,8 @@ class BertFamilyAdapter(StateDictAdapter):
         return shapes
 
 
-def read_hf_weights(hf_dir: str, e) -> dict:
-    """The base model's tensors of a Hugging Face directory (safetensors, else pytorch_model.bin), prefix removed,
-    heads dropped, checked against the config."""
+def read_weight_files(hf_dir: str) -> dict:
+    """Every tensor of a Hugging Face directory: its safetensors files, else pytorch_model.bin."""
     from safetensors.torch import load_file
 
     hf = {}
@@ -210,20 +209,30 @@ def read_hf_weights(hf_dir: str, e) -> dict:
         hf = torch.load(os.path.join(hf_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     if not hf:
         raise ConvertError(f"{hf_dir}: no model.safetensors / pytorch_model.bin weights")
+    return hf
+
+
+def check_weights(hf: dict, expected: dict, hf_dir: str, says: str) -> None:
+    """Each expected tensor present with the shape config.json implies (None: any shape), else ConvertError."""
+    for name, shape in expected.items():
+        if name not in hf:
+            raise ConvertError(f"{hf_dir}: weights have no {name} (config.json says {says})")
+        if shape is not None and tuple(hf[name].shape) != shape:
+            raise ConvertError(f"{hf_dir}: {name} has shape {tuple(hf[name].shape)}, config.json implies {shape}")
+
+
+def read_hf_weights(hf_dir: str, e) -> dict:
+    """The base model's tensors of a Hugging Face directory, prefix removed, heads dropped, checked against the
+    config."""
     base = {}
-    for k, v in hf.items():
+    for k, v in read_weight_files(hf_dir).items():
         for pre in PREFIXES:
             if k.startswith(pre):
                 k = k[len(pre):]
                 break
         if not k.startswith(HEADS):
             base[k] = v.float()
-    for name, shape in BertFamilyAdapter(e).expected_hf().items():
-        if name not in base:
-            raise ConvertError(f"{hf_dir}: weights have no {name} (config.json says {e.hf_model_type}, "
-                               f"{e.layers} layers)")
-        if tuple(base[name].shape) != shape:
-            raise ConvertError(f"{hf_dir}: {name} has shape {tuple(base[name].shape)}, config.json implies {shape}")
+    check_weights(base, BertFamilyAdapter(e).expected_hf(), hf_dir, f"{e.hf_model_type}, {e.layers} layers")
     return base
 
 

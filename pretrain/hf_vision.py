@@ -24,7 +24,6 @@ weights and preprocessing in, the tower back out as a CLIPVisionModel or SiglipV
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 
@@ -250,27 +249,15 @@ def read_tower_weights(hf_dir: str, v) -> dict:
     """The tower's tensors of a Hugging Face directory (safetensors, else pytorch_model.bin): a full model's
     `vision_model.` / a ViTFor* model's `vit.` prefix removed, everything else dropped, checked against the
     config."""
-    from safetensors.torch import load_file
+    from pretrain.hf_encoders import check_weights, read_weight_files
 
-    hf = {}
-    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
-    for f in files:
-        hf.update(load_file(f))
-    if not files and os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
-        hf = torch.load(os.path.join(hf_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    if not hf:
-        raise ConvertError(f"{hf_dir}: no model.safetensors / pytorch_model.bin weights")
+    hf = read_weight_files(hf_dir)
     for pre in PREFIXES:
         if any(k.startswith(pre) for k in hf):
             hf = {k[len(pre):]: t for k, t in hf.items() if k.startswith(pre)}
             break
     hf = {k: t.float() for k, t in hf.items()}
-    for name, shape in VisionAdapter(v).expected_hf().items():
-        if name not in hf:
-            raise ConvertError(f"{hf_dir}: weights have no {name} (config.json says {v.hf_model_type}, "
-                               f"{v.stack.layers} layers)")
-        if shape is not None and tuple(hf[name].shape) != shape:
-            raise ConvertError(f"{hf_dir}: {name} has shape {tuple(hf[name].shape)}, config.json implies {shape}")
+    check_weights(hf, VisionAdapter(v).expected_hf(), hf_dir, f"{v.hf_model_type}, {v.stack.layers} layers")
     return hf
 
 
