@@ -308,6 +308,11 @@ PRESETS = {
     "gpt-baseline-tiny": lambda: ModelConfig(vocab_size=8000, max_seq_length=512, decoder=StackConfig(4, 256, 4)),
     "tiny-vl": lambda: _vl(8000, StackConfig(2, 128, 2), VisionConfig(StackConfig(2, 64, 2), image_size=32,
                                                                        patch_size=8), max_seq_length=256),
+    # tiny-vl with a tower of CLIP's structure (class token, pre-LayerNorm, LayerNorm blocks with biases, quick GELU,
+    # no final norm): a tower we train ourselves that export-encoder writes as a CLIPVisionModel
+    "tiny-vl-clip": lambda: _vl(8000, StackConfig(2, 128, 2), VisionConfig(
+        StackConfig(2, 64, 2, norm="layernorm", activation="quick_gelu", bias=True, final_norm=False),
+        image_size=32, patch_size=8, class_token=True, pre_norm=True, patch_bias=False), max_seq_length=256),
     "metalm-lo-1.3b": lambda: ModelConfig(vocab_size=64000, max_seq_length=2048, decoder=StackConfig(24, 2048, 32),
                                           encoder=StackConfig(24, 1024, 16), connector="linear",
                                           freeze_encoder_layers=22),

@@ -363,17 +363,30 @@ def test_training_with_an_imported_tower_freezes_and_resumes_bit_for_bit(tmp_pat
             assert not torch.equal(wa[k].float(), t), f"{k}: the trainable top block did not change"
         else:
             assert torch.equal(wa[k].float(), t), f"{k}: a frozen tensor changed"
-    # round trip of the trained tower: export as CLIPVisionModel, transformers loads it (same features), docked back
-    # into the trained model with its connector and decoder: the same VQA-style accuracy and captions
+
+
+@pytest.mark.slow
+def test_our_own_trained_tower_exports_as_clip_and_docks_back(tmp_path, tok_model, moby_prefix):
+    """A tower we train ourselves (the tiny-vl-clip preset: CLIP's structure) -> export-encoder writes a
+    CLIPVisionModel that transformers loads with the same features -> docked back into the trained model with its
+    connector and decoder: the same VQA-style accuracy and the same captions."""
     import transformers
 
     from eval import vl
-
-    run = str(tmp_path / "straight")
-    assert convert_main(["export-encoder", "--model", run, "--out", str(tmp_path / "tower")]) == 0
-    back = transformers.CLIPVisionModel.from_pretrained(tmp_path / "tower").eval()
     from pretrain.model_io import load
+    from tests.test_train import launch
 
+    images = tmp_path / "images"
+    make_shapes(images)
+    run = str(tmp_path / "run")
+    launch(run, tok_model, moby_prefix, "model.preset=tiny-vl-clip", "model.vocab_size=1000",
+           "model.max_seq_length=128", "model.decoder.layers=2", "model.decoder.hidden=64", "model.decoder.heads=4",
+           "model.decoder.ffn_hidden=128", "model.vision.image_size=16", "model.vision.patch_size=4",
+           "data.seq_length=64", "data.image_fraction=0.5", f"data.image_path=[{images}/shapes]", "data.workers=0",
+           "parallel.micro_batch=4", steps=3)
+    assert convert_main(["export-encoder", "--model", run, "--out", str(tmp_path / "tower")]) == 0
+    assert json.load(open(tmp_path / "tower" / "config.json"))["architectures"] == ["CLIPVisionModel"]
+    back = transformers.CLIPVisionModel.from_pretrained(tmp_path / "tower").eval()
     model, _, _, _ = load(run)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
