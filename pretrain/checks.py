@@ -59,8 +59,11 @@ def check_config(cfg: TrainConfig, world: int | None, mode) -> None:
         raise ConfigError("model.encoder.vocab_size is the encoder's own vocabulary: model.encoder.tokenizer (its "
                           "tokenizer) is required with it")
     if cfg.data.seq_length > m.max_seq_length:
-        raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds model.max_seq_length={m.max_seq_length}")
+        src = getattr(m, "from_init", "")
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds model.max_seq_length={m.max_seq_length}"
+                          + (f" (the init model's, checkpoint.init_from={src})" if src else ""))
     mode.check(cfg, uses_pipeline(cfg))
+    check_init_from(cfg)
     d = cfg.data
     for key in ("tokenizer_model", "vocab_file", "merge_file"):
         path = getattr(d, key)
@@ -91,8 +94,9 @@ def absolute_paths(cfg: TrainConfig, mode) -> None:
         prefixes, weights = parse_blend(d.data_path)
         prefixes = [os.path.abspath(p) for p in prefixes]
         d.data_path = prefixes if weights is None else [x for wp in zip(weights, prefixes) for x in wp]
-    if d.cache_dir:
-        d.cache_dir = os.path.abspath(d.cache_dir)
+    # megatron-core's sample-index cache: under the run (on the file system every node of the job sees; never in
+    # the user's data directory, which may be read-only or shared) unless data.cache_dir names one
+    d.cache_dir = os.path.abspath(d.cache_dir or os.path.join(cfg.run_dir, "index-cache"))
     if cfg.checkpoint.init_from:
         cfg.checkpoint.init_from = os.path.abspath(cfg.checkpoint.init_from)
     if cfg.model.encoder is not None and cfg.model.encoder.tokenizer:
@@ -158,6 +162,48 @@ def configure_model(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}: {e}") from None
 
 
+SHAPE_KEYS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "norm", "activation", "bias",
+              "positions", "vocab_size", "max_positions", "type_vocab_size", "embedding_size", "embedding_norm")
+
+
+def shape_fields(m) -> dict:
+    """The model settings that decide its parameters' names and shapes (what a checkpoint must match)."""
+    out = {"model.vocab_size": m.vocab_size, "model.tie_embeddings": m.tie_embeddings,
+           "model.connector": m.connector if m.encoder is not None else None}
+    for part, stack in (("decoder", m.decoder), ("encoder", m.encoder),
+                        ("vision", m.vision.stack if m.vision is not None else None)):
+        out[f"model.{part}"] = "present" if stack is not None else "none"
+        for k in SHAPE_KEYS if stack is not None else ():
+            if hasattr(stack, k):
+                out[f"model.{part}{'.stack' if part == 'vision' else ''}.{k}"] = getattr(stack, k)
+    if m.vision is not None:
+        out.update({f"model.vision.{k}": getattr(m.vision, k) for k in ("image_size", "patch_size", "class_token")})
+        out["model.vision_connector"] = m.vision_connector
+    return out
+
+
+def check_init_from(cfg: TrainConfig) -> None:
+    """`checkpoint.init_from` with the config's own model (no model_from_init): the source's parameters must fit
+    it. Checked from the source's saved config (no weights read), before any process starts."""
+    init = cfg.checkpoint.init_from
+    if not init or getattr(cfg.model, "from_init", ""):
+        return
+    from pretrain.model_io import ConvertError, source_config
+
+    try:
+        src = source_config(init)
+    except ConvertError as e:
+        raise ConfigError(f"checkpoint.init_from: {e}") from None
+    a, b = shape_fields(src.model), shape_fields(cfg.model)
+    diff = [f"{k} {a.get(k)} vs {b.get(k)}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    if diff:
+        switch = ("finetune.model_from_init=true" if cfg.finetune.tasks else "checkpoint.model_from_init=true")
+        raise ConfigError(f"checkpoint.init_from: the model of {init} differs from the config's "
+                          f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): set {switch} to take "
+                          "the model (and tokenizer) from it" + ("" if cfg.finetune.tasks else
+                          "; a text or vision encoder it lacks is then added from the config"))
+
+
 def preflight(cfg: TrainConfig, world: int | None) -> None:
     """Everything a rank checks at start-up that needs no process group: the launcher runs it once before
     spawning. Raises ConfigError (or data_tools' UserError) with the one line to print."""
@@ -167,4 +213,21 @@ def preflight(cfg: TrainConfig, world: int | None) -> None:
     mode = pick_mode(cfg)
     mode.configure(cfg)
     check_config(cfg, world, mode)
-    resolve_tokenizer(cfg)
+    absolute_paths(cfg, mode)  # a mode's own path checks run there (an image path without meta.json)
+    tok = resolve_tokenizer(cfg)
+    if hasattr(mode, "check_tokenizer"):
+        mode.check_tokenizer(cfg, tok)
+    return tok
+
+
+def vocab_note(cfg: TrainConfig, tok) -> str:
+    """A warning when model.vocab_size is much larger than the tokenizer's vocabulary (rows no token ever reaches:
+    a first loss of ln(model.vocab_size) is the only other hint); '' when it is padding (Megatron-LM pads to a
+    multiple of 128 x tp) or equal. A smaller one is refused by resolve_tokenizer."""
+    n, v = tok.vocab_size, cfg.model.vocab_size
+    step = 128 * cfg.parallel.tp
+    if v <= -(-n // step) * step:
+        return ""
+    return (f"warning: model.vocab_size={v} is larger than the tokenizer's {n} pieces ({tok.describe()}): "
+            f"{v - n} embedding rows no token reaches (padding to a multiple of {step} would be "
+            f"{-(-n // step) * step}); set model.vocab_size to match")

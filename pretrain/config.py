@@ -375,6 +375,9 @@ class ParallelConfig:
     step_timeout_s: float = 0.0
     step_timeout_floor_s: float = 300.0
     pipeline_engine: bool = False  # use DeepSpeed's pipeline engine even at pp=1 (always on for pp>1)
+    # torch.compile each transformer block and connector (inductor, static shapes; pretrain/compile.py), applied
+    # where the engine is built: the model code and the checkpoint names do not change
+    compile: bool = False
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -387,6 +390,10 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto | none | a checkpoint tag directory
     init_from: str = ""  # a consolidated directory (pretrain.convert) to start from when there is nothing to resume
+    # pretraining from init_from: take the model settings (and, when the config names none, the tokenizer) from it;
+    # a text encoder / vision encoder the source lacks (an imported Llama) comes from the config, freshly
+    # initialised. Finetuning has its own switch (finetune.model_from_init, on by default)
+    model_from_init: bool = False
     checksums: bool = True  # crc32 of every file in the COMPLETE manifest, verified (by rank 0) before resuming
 
 

@@ -50,12 +50,30 @@ def _export_tokenizer(tok, tmp: str, max_len: int) -> None:
     from data_tools.tokenizer import copy_to_dir
 
     copy_to_dir(tok, tmp)
-    if tok.kind == "HuggingFaceTokenizer":
-        return  # tokenizer.json (+ its config files) as the user gave them
     piece = tok.id_to_piece
     special = {"bos_token": piece(tok.ids.bos), "eos_token": piece(tok.ids.eos), "pad_token": piece(tok.ids.pad)}
     if tok.ids.unk is not None:
         special["unk_token"] = piece(tok.ids.unk)
+    if tok.ids.eod not in (tok.ids.eos, tok.ids.bos, tok.ids.pad, tok.ids.unk):  # our </d>: a stop id in generation
+        special["additional_special_tokens"] = [piece(tok.ids.eod)]
+    if tok.kind == "HuggingFaceTokenizer":
+        # tokenizer.json as the user gave it, with the config files it came with; the special tokens the model was
+        # trained with filled in where those files lack them (or where there were none: without them transformers
+        # sees eos_token=None and pad_token=None, and cannot pad a batch or stop generating)
+        conf = {}
+        path = os.path.join(tmp, "tokenizer_config.json")
+        if os.path.isfile(path):
+            conf = json.load(open(path, encoding="utf-8"))
+        conf.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        for k, v in special.items():
+            if conf.get(k) is None:
+                conf[k] = v
+        conf.setdefault("model_max_length", max_len)
+        with open(path, "w") as f:
+            json.dump(conf, f, indent=2)
+        with open(os.path.join(tmp, "special_tokens_map.json"), "w") as f:
+            json.dump({k: conf[k] for k in special}, f, indent=2)
+        return
     if tok.kind == "SentencePieceTokenizer" and tok.model_type == "unigram":
         # transformers' LlamaTokenizer is BPE-only: a unigram model goes out as its unigram SentencePiece class
         # (T5Tokenizer; note it appends eos, not bos, when add_special_tokens=True)

@@ -49,6 +49,7 @@ def worker_env(nproc_per_node: int, cuda: bool) -> dict:
     env.setdefault("PYTHONUNBUFFERED", "1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["METALM_LAUNCHER_CHECKED"] = "1"  # the launcher ran the start-up checks and printed their warnings once
     return env
 
 
@@ -174,11 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nnodes > 1 and not args.rdzv_endpoint and args.master_port == 0:
         print("error: several nodes need --master-port (or --rdzv-endpoint)", file=sys.stderr)
         return 2
+    # what it is doing while it is quiet (tens of seconds on a small machine); on stdout: an error stays one line
+    print("launcher: checking the config, data and tokenizer before starting any process", flush=True)
     err = check_config(train_args, None if args.hostfile else args.nnodes * args.nproc_per_node)
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cmd = deepspeed_command(args, train_args) if args.hostfile else torchrun_command(args, train_args)
+    where = ("on the hostfile's nodes (deepspeed runner)" if args.hostfile
+             else f"{args.nproc_per_node} on this node (torchrun)")
+    print(f"launcher: starting the training processes, {where}; each imports DeepSpeed and megatron-core and "
+          "builds its data before its first line", flush=True)
     return supervise(cmd, env, args.grace_s)
 
 
@@ -199,7 +206,11 @@ def check_config(train_args: Sequence[str], world: int | None) -> str | None:
         return f"bad arguments for pretrain.train (exit {e.code}): {' '.join(train_args)}"
     try:
         cfg = load_config(targs.config, targs.overrides)
-        preflight(cfg, world)
+        tok = preflight(cfg, world)
+        from pretrain.checks import vocab_note
+
+        if note := vocab_note(cfg, tok):
+            print(note, file=sys.stderr)
         if world is not None:
             from pretrain import checkpoint
             from pretrain.config import config_to_dict

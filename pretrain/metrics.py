@@ -21,8 +21,10 @@ class Reporter:
         self.bar = self.tb = None
         self.total, self.start_step = total_steps, start_step
         self.t0 = time.perf_counter()
-        self.tokens = 0
+        self.tokens = 0  # this run's; the console's column and each record's "tokens" add what came before a resume
+        self.tokens_before = 0
         self.last_valid: dict = {}
+        self.last_accuracy: tuple = ()  # (step, what, value) of finetuning's validation accuracy or in-loop scoring
         self.last_checkpoint = ""
         self.last_step = start_step
         if not enabled:
@@ -55,6 +57,7 @@ class Reporter:
                     continue
                 if rec.get("step", 0) <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
+                    self.tokens_before = rec.get("tokens", self.tokens_before)
         with open(self.path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.path + ".tmp", self.path)
@@ -77,7 +80,7 @@ class Reporter:
             return
         self.tokens += tokens
         self.last_step = step
-        self.file.write(json.dumps({"step": step, **m}) + "\n")
+        self.file.write(json.dumps({"step": step, **m, "tokens": self.tokens_before + self.tokens}) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in m.items():
@@ -95,7 +98,7 @@ class Reporter:
                      f"{m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tokens/s"
                      + (f" ({m['samples_per_s']:.1f} samples/s)" if "samples_per_s" in m else "")
                      + f" | skipped {m['skipped']}{extra} | "
-                     f"tokens {self.tokens / 1e6:.2f}M | elapsed {_hms(elapsed)} | eta {_hms(eta)}")
+                     f"tokens {(self.tokens_before + self.tokens) / 1e6:.2f}M | elapsed {_hms(elapsed)} | eta {_hms(eta)}")
 
     def valid(self, step: int, metrics: dict) -> None:
         """metrics: valid_loss / valid_ppl (causal-LM view) and, for semi-causal runs, valid_sclm_loss / _ppl;
@@ -132,6 +135,9 @@ class Reporter:
             return
         self._scalars(step, metrics)
         parts = [f"{k[len('down/'):-len('/acc')]} {v:.3f}" for k, v in metrics.items() if k.endswith("/acc")]
+        accs = [v for k, v in metrics.items() if k.endswith("/acc")]
+        if accs:
+            self.last_accuracy = (step, "downstream accuracy (mean)", sum(accs) / len(accs))
         self.log(f"step {step:6d} | downstream acc | " + " | ".join(parts))
 
     def finetune(self, step: int, metrics: dict) -> None:
@@ -141,6 +147,7 @@ class Reporter:
         self._scalars(step, metrics)
         parts = [f"{k[len('ft/'):-len('/acc')]} {v:.3f}" for k, v in metrics.items()
                  if k.endswith("/acc") and k != "ft/mean_acc"]
+        self.last_accuracy = (step, "validation accuracy", metrics["ft/mean_acc"])
         self.log(f"step {step:6d} | validation accuracy | " + " | ".join(parts)
                  + f" | mean {metrics['ft/mean_acc']:.3f}")
 
@@ -153,7 +160,11 @@ class Reporter:
         v = self.last_valid or {}
         parts = [f"validation perplexity {v['valid_ppl']:.2f}"] if "valid_ppl" in v else []
         parts += [f"caption perplexity {v['valid_image_ppl']:.2f}"] if "valid_image_ppl" in v else []
-        valid = f"{', '.join(parts)} at step {v['step']}" if parts else "no validation"
+        valid = [f"{', '.join(parts)} at step {v['step']}"] if parts else []
+        if self.last_accuracy:
+            at, what, value = self.last_accuracy
+            valid.append(f"{what} {value:.3f} at step {at}")
+        valid = "; ".join(valid) or "no validation"
         self.log(f"summary: steps {self.start_step}->{self.last_step} of {self.total} in "
                  f"{_hms(time.perf_counter() - self.t0)} | {self.tokens / 1e6:.2f}M tokens this run | {valid} | "
                  f"last checkpoint {self.last_checkpoint or 'none this run'}")

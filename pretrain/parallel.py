@@ -105,6 +105,14 @@ def init_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tensor_parallel*pipeline_parallel = {tp * pp}")
     if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()
+                ) == (tp, pp):
+            # the same layout: keep its groups. megatron-core's destroy_model_parallel drops its references to the
+            # groups but does not destroy them, and each gloo group keeps its threads polling: a process that set
+            # up the same layout again and again (evaluation loading one model after another; the test suite's
+            # process: 2,000 gloo threads, a load average of 200 on 2 cores) slowed down without bound
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+            return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

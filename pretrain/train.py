@@ -1,7 +1,7 @@
 """Pretrain a MetaLM (or its GPT baseline), or finetune one, under DeepSpeed.
 
-    python -m pretrain.train --config configs/tiny.yaml [dotted.key=value ...]
-    python -m pretrain.launch --nproc-per-node 2 -- --config configs/tiny.yaml parallel.deepspeed=zero2
+    python -m pretrain.train --config configs/tiny-cpu.yaml [dotted.key=value ...]
+    python -m pretrain.launch --nproc-per-node 2 -- --config configs/tiny-cpu.yaml parallel.deepspeed=zero2
 
 The command line of the trainer: it loads the config, installs the callbacks that score with eval/ (in-loop
 downstream accuracy, finetuning's best checkpoint: eval/callbacks.py) and runs `pretrain.trainer.Trainer`. The loop

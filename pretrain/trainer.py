@@ -15,7 +15,8 @@ import time
 import torch.distributed as dist
 
 from pretrain.callbacks import StepLog, ValidationLoss, from_specs
-from pretrain.checks import absolute_paths, check_config, configure_model, resolve_tokenizer, uses_pipeline
+from pretrain.checks import (absolute_paths, check_config, configure_model, resolve_tokenizer, uses_pipeline,
+                             vocab_note)
 from pretrain.config import ConfigError, TrainConfig, config_to_dict
 from pretrain.steps import StopFlag, TrainingAborted, TrainState, train_step
 
@@ -56,6 +57,10 @@ class Trainer:
         init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
         seed_everything(cfg.seed)
         self.tokenizer = resolve_tokenizer(cfg)
+        if hasattr(mode, "check_tokenizer"):
+            mode.check_tokenizer(cfg, self.tokenizer)
+        if rank == 0 and not os.environ.get("METALM_LAUNCHER_CHECKED") and (note := vocab_note(cfg, self.tokenizer)):
+            print(note, file=sys.stderr)  # under pretrain.launch the launcher said it once
         self.dp = dp = parallel_state.get_data_parallel_world_size()
         self.train_ds, self.valid_sets = mode.build_data(cfg, self.tokenizer, dp)
         model = self.build_model()
@@ -72,6 +77,8 @@ class Trainer:
         if resume_from is None and cfg.checkpoint.init_from:
             self.state = self.init_weights(model) or self.state
             say(f"initialised from {cfg.checkpoint.init_from} at step {self.state.step}")
+            for part in getattr(mode, "added", ()):
+                say(f"{part}: from the config, fresh (the init model has none)")
         elif resume_from is None:  # pretrained parts named in the config (model.encoder / model.vision.from_hf)
             for part, sub in (("text encoder", cfg.model.encoder), ("vision encoder", cfg.model.vision)):
                 if sub is not None and sub.from_hf:
@@ -79,6 +86,15 @@ class Trainer:
                     say(f"{part} initialised from {sub.from_hf} ({sub.hf_model_type})")
         mode_msg = mode.prepare_model(cfg, model, self.train_ds, self.tokenizer)  # before the optimizer is built
         self.trainable = [sum(p.numel() for p in model.parameters() if p.requires_grad == t) for t in (True, False)]
+        if cfg.parallel.compile:  # per block, where the engine is built (pretrain/compile.py)
+            from pretrain.compile import compile_model
+            from pretrain.engine import load_ds_json
+
+            zero3 = load_ds_json(cfg.parallel.deepspeed).get("zero_optimization", {}).get("stage", 0) == 3
+            n = compile_model(model, fullgraph=not zero3)
+            say(f"compile: torch.compile on {n} blocks and connectors (inductor, static shapes"
+                f"{'; ZeRO-3: a graph break at each submodule, where its parameter-gathering hooks run' if zero3 else ''}"
+                "; the first steps include compilation)")
         self.engine = build_engine(cfg, model, dp, pipeline=uses_pipeline(cfg))
         self.device = self.engine.device
         if self.state.step:  # a resharded checkpoint: continue its LR schedule too
@@ -141,8 +157,11 @@ class Trainer:
                 src_cfg, sd, info = None, weights(cfg.model), {}
             else:
                 src_cfg, sd, info = read_model(cfg.checkpoint.init_from)
+            # parts the init model lacks (model_from_init added them from the config) keep their fresh values
+            added = bool(getattr(self.mode, "added", ())) and not hf_part
             load_into(model, sd, parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp,
-                      pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0, partial=bool(hf_part))
+                      pipeline_layers=cfg.model.decoder.layers if uses_pipeline(cfg) else 0,
+                      partial=bool(hf_part) or added)
         except ConvertError as e:  # not there, damaged, another architecture: one line, exit 2
             raise ConfigError(f"{where}: {e}") from None
         if not (info.get("resume_position") and "step" in info):

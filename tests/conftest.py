@@ -7,6 +7,49 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+_SESSION_START = __import__("time").time()
+# processes of ours that a test may start (launcher, torchrun, ranks, the deepspeed runner, spawned TP workers)
+_OURS = ("pretrain.", "torch.distributed.run", "bin/deepspeed", "multiprocessing.spawn", "eval.", "data_tools.")
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes(request):
+    """After each test: no process of ours it started may outlive it (a leaked rank spinning in a collective slows
+    every later test, and on a 2-core CI machine the whole run). Survivors get 15 s to exit, are then killed, and
+    the test is named on the terminal."""
+    yield
+    import psutil
+
+    me = psutil.Process()
+    below = {p.pid for p in me.children(recursive=True)}
+    left = []
+    for p in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
+        try:
+            if p.pid == me.pid or p.info["create_time"] < _SESSION_START:
+                continue
+            cmd = " ".join(p.info["cmdline"] or [])
+            if (p.pid in below or p.info["ppid"] == 1) and any(k in cmd for k in _OURS):
+                left.append(p)
+        except psutil.Error:
+            continue
+    if not left:
+        return
+    gone, alive = psutil.wait_procs(left, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    if alive:
+        import sys
+
+        names = []
+        for p in alive:
+            try:
+                names.append(f"{p.pid} {' '.join(p.cmdline()[:4])}")
+            except psutil.Error:
+                names.append(str(p.pid))
+        sys.__stderr__.write(f"\n{request.node.nodeid}: killed {len(alive)} leftover process(es): {names}\n")
 
 
 @pytest.fixture(scope="session")

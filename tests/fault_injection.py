@@ -2,7 +2,8 @@
 
     callbacks=[{path: tests.fault_injection.FaultInjection, die_at_step: 6, die_rank: 1}]
 
-- `die_at_step` / `die_rank`: SIGKILL that rank just before that step (a rank dying mid-run).
+- `die_at_step` / `die_rank`: SIGKILL that rank just before that step (a rank dying mid-run); the time of death is
+  written to RUN/fault_injection.died_at.
 - `nan_at_steps` / `nan_count`: on rank 0, the first `nan_count` micro-batch losses of the listed steps become NaN
   (wrapping the engine's forward; not under pipeline parallelism, whose schedule calls its own).
 - `slow_save_s`: every checkpoint save first sleeps this long (a save that outlives the preemption grace).
@@ -44,6 +45,8 @@ class FaultInjection(Callback):
     def on_step_start(self, trainer) -> None:
         step = trainer.state.step + 1
         if self.die_at_step == step and dist.get_rank() == self.die_rank:
+            with open(os.path.join(trainer.cfg.run_dir, "fault_injection.died_at"), "w") as f:
+                f.write(repr(time.time()))  # when, for the test that times how fast the job ends
             os.kill(os.getpid(), signal.SIGKILL)
         self.poison = self.nan_count if step in self.nan_at_steps else 0
 

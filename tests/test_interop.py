@@ -389,17 +389,22 @@ def test_gqa_under_tensor_parallel_equals_one_process(tmp_path):
 
 
 # ------------------------------------------------------------------ preprocess -> train -> export -> transformers
-@pytest.mark.parametrize("which", ["spm_pad_minus_1", "llama2_spm", "tokenizer_json_dir"])
+@pytest.mark.parametrize("which", ["spm_pad_minus_1", "llama2_spm", "tokenizer_json_dir", "tokenizer_json_only"])
 def test_foreign_tokenizer_end_to_end(tmp_path, which, spm_nopad):
     """Each tokenizer a user brings goes through preprocess -> train 2 steps -> consolidate -> export-hf, and the
     export's logits in transformers equal ours. The training config names no tokenizer: it is read from the
-    dataset's PREFIX.tokenizer.json, and recorded in the checkpoint's config and the exports."""
+    dataset's PREFIX.tokenizer.json, and recorded in the checkpoint's config and the exports. The export carries
+    the model's special tokens for every kind (a bare tokenizer.json included): transformers pads a batch with it,
+    and the lm-eval bridge scores it."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from pretrain.convert import export_hf, load_consolidated, read_checkpoint, resolve_tokenizer, write_consolidated
 
+    if which == "tokenizer_json_only":  # what a user's own `tokenizers` training leaves: no config files
+        (tmp_path / "own").mkdir()
+        shutil.copyfile(FIX / "hf_bpe3k" / "tokenizer.json", tmp_path / "own" / "tokenizer.json")
     model_path = {"spm_pad_minus_1": spm_nopad, "llama2_spm": str(FIX / "spm_bpe2k.model"),
-                  "tokenizer_json_dir": str(FIX / "hf_bpe3k")}[which]
+                  "tokenizer_json_dir": str(FIX / "hf_bpe3k"), "tokenizer_json_only": str(tmp_path / "own")}[which]
     tok = load_tokenizer(model_path)
     preprocess([str(FIX / "small.jsonl")], str(tmp_path / "d"), tok, append_eod=True, **QUIET)
     prefix = output_prefixes(str(tmp_path / "d"), ["text"])[0]
@@ -421,3 +426,23 @@ def test_foreign_tokenizer_end_to_end(tmp_path, which, spm_nopad):
     # normalisation (a newline), which is transformers' limitation, not the export's
     for line in text.split("\n"):
         assert hf_tok(line, add_special_tokens=False)["input_ids"] == tok.encode(line), line
+    piece = tok.id_to_piece
+    assert (hf_tok.eos_token, hf_tok.pad_token, hf_tok.bos_token) == (piece(tok.ids.eos), piece(tok.ids.pad),
+                                                                      piece(tok.ids.bos))
+    batch = hf_tok(["a whale", "a whale is a very large animal that lives in the sea"], padding=True,
+                   add_special_tokens=False)
+    short = [i for i, m in zip(batch["input_ids"][0], batch["attention_mask"][0]) if not m]
+    assert len(set(map(len, batch["input_ids"]))) == 1 and short and set(short) == {tok.ids.pad}
+    if which == "tokenizer_json_only":
+        pytest.importorskip("lm_eval")
+        from eval.lm_eval_bridge import make_task, run
+
+        lines = [l for l in text.split("\n") if len(l.split()) > 8][:4]
+        with open(tmp_path / "items.jsonl", "w") as f:
+            for i, l in enumerate(lines):
+                words = l.split()
+                f.write(json.dumps({"context": " ".join(words[:-4]), "choices": [" ".join(words[-4:]), "no"],
+                                    "label": 0}) + "\n")
+        make_task("own_mc", str(tmp_path / "items.jsonl"), str(tmp_path / "tasks"))
+        res = run(cons, ["own_mc"], str(tmp_path / "tasks"))
+        assert res["results"]["own_mc"]["sample_len"] == len(lines)

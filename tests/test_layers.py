@@ -14,7 +14,7 @@ PACKAGES = ("data_tools", "pretrain", "eval")
 def lint(where: str) -> subprocess.CompletedProcess:
     exe = os.path.join(os.path.dirname(sys.executable), "lint-imports")
     return subprocess.run([exe, "--config", os.path.join(where, "pyproject.toml"), "--no-cache"], cwd=where,
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=where))
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=where))
 
 
 def test_import_contracts_hold():

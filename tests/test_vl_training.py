@@ -248,19 +248,16 @@ def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, tok_model, m
     import time
 
     from pretrain.checkpoint import COMPLETE
-    from tests.test_train import ROOT, SMALL, env
+    from tests.test_train import ROOT, SMALL, env, wait_steps
 
     cmd = [sys.executable, "-m", "pretrain.train", f"run_dir={tmp_path}", f"data.tokenizer_model={tok_model}",
            f"data.data_path=[{moby_prefix}]", *SMALL, *VL, f"data.image_path=[{vl_images}/shapes]",
            "schedule.train_steps=100000", "checkpoint.save_interval=0", "parallel.deepspeed=zero0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT,
                             start_new_session=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.3)
+    wait_steps(tmp_path, 3)
     os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its 2 loader workers
-    out = proc.communicate(timeout=120)[0]
+    out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "stop requested: saving at step" in out
     tag = open(tmp_path / "checkpoints" / "latest").read()
@@ -326,3 +323,80 @@ def test_zero3_frozen_vision_encoder_with_two_images_per_sample(tmp_path, tok_mo
     for part in ("vision_connector.", "decoder."):
         keys = [k for k in at2 if k.startswith(part)]
         assert keys and all(not torch.equal(at1[k], at2[k]) for k in keys if at2[k].ndim == 2), part
+
+
+@pytest.mark.slow
+def test_own_image_folder_imports_trains_and_evaluates(tmp_path, tok_model, moby_prefix):
+    """A user's folder (PNGs and JPEGs drawn with Pillow, a caption .txt beside each; one image that does not decode,
+    one without a caption) -> `data_tools.images import` -> tiny-vl trains 2 steps -> eval.vl runs. A csv manifest
+    with class-name labels gives the same images with labels; a malformed manifest is one line naming file:line:field,
+    exit 2. inspect reads a meta.json that lacks the optional keys."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from data_tools import images
+    from data_tools.images import import_folder, read_rows
+    from tests.test_train import ROOT, env
+
+    own = tmp_path / "my photos"
+    (own / "sub").mkdir(parents=True)
+    rows = []
+    for i, (c, s) in enumerate((c, s) for _ in range(4) for c in COLOURS for s in SHAPES):
+        where = own / ("sub" if i % 2 else "") / f"img{i:02d}"
+        if i % 3:
+            where.with_suffix(".png").write_bytes(png(c, s, i))
+        else:  # a JPEG, re-encoded as PNG in the shards
+            Image.open(io.BytesIO(png(c, s, i))).convert("RGB").save(where.with_suffix(".jpg"), quality=95)
+        where.with_suffix(".txt").write_text(f"a {c} {s} on a light background.\n")
+        rows.append((os.path.relpath(where, own) + (".png" if i % 3 else ".jpg"), f"a {c} {s}.", c))
+    (own / "broken.png").write_bytes(png("red", "disc", 99)[:40])
+    (own / "broken.txt").write_text("a truncated file.")
+    (own / "nocaption.png").write_bytes(png("blue", "disc", 98))
+    r = subprocess.run([sys.executable, "-m", "data_tools.images", "import", "--dir", str(own), "--out",
+                        str(tmp_path / "images"), "--name", "mine", "--licence", "CC0"],
+                       capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.load(open(tmp_path / "images" / "mine" / "meta.json"))
+    assert sum(meta["counts"].values()) == 32 and meta["licence"] == "CC0"
+    assert meta["skipped"]["no caption"]["ids"] == ["nocaption"]
+    assert [i.split(" ")[0] for i in meta["skipped"]["undecodable image"]["ids"]] == ["broken"]
+    got = {r["id"]: r for r in read_rows(str(tmp_path / "images" / "mine"))}
+    assert got["sub/img01"]["caption"] == "a red disc on a light background." and got["img00"]["width"] == 20
+    assert got["img00"]["image"][:8] == b"\x89PNG\r\n\x1a\n"  # the JPEG, decoded and re-encoded
+    # a manifest: labels as class names (numbered in sorted order), given splits kept
+    with open(tmp_path / "list.csv", "w") as f:
+        f.write("path,caption,label,split\n")
+        for k, (path, cap, colour) in enumerate(rows):
+            f.write(f"{path},{cap},{colour},{('train', 'validation', 'test', 'train')[k % 4]}\n")
+    dest = import_folder(str(own), str(tmp_path / "images"), "listed", str(tmp_path / "list.csv"), log=lambda *a: 0)
+    meta2 = json.load(open(os.path.join(dest, "meta.json")))
+    assert meta2["classes"] == sorted(COLOURS) and meta2["counts"] == {"train": 16, "validation": 8, "test": 8}
+    assert {r["label"] for r in read_rows(dest)} == {0, 1, 2, 3}
+    (tmp_path / "bad.jsonl").write_text('{"path": "img00.jpg", "caption": "ok"}\n{"path": "img01.png"}\n')
+    r = subprocess.run([sys.executable, "-m", "data_tools.images", "import", "--dir", str(own), "--out",
+                        str(tmp_path / "images"), "--name", "bad", "--captions", str(tmp_path / "bad.jsonl")],
+                       capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{tmp_path / 'bad.jsonl'}:2: field 'caption' missing or empty" in r.stderr
+    assert not (tmp_path / "images" / "bad").exists()
+    # another tool's meta.json with only what the readers need
+    os.makedirs(tmp_path / "other" / "x")
+    import shutil
+
+    for f in os.listdir(dest):
+        if f.endswith(".parquet"):
+            shutil.copy(os.path.join(dest, f), tmp_path / "other" / "x" / f)
+    (tmp_path / "other" / "x" / "meta.json").write_text("{}")
+    assert "x: 32 images" in images.inspect(str(tmp_path / "other"), None)
+    # the imported folder trains tiny-vl and evaluates
+    launch(tmp_path / "run", tok_model, moby_prefix, *VL, f"data.image_path=[{tmp_path / 'images'}/mine]",
+           "data.workers=0", steps=2)
+    from eval import vl
+
+    out = tmp_path / "eval"
+    assert vl.main(["--model", str(tmp_path / "run"), "--images", str(tmp_path / "images"), "--caption-source",
+                    "mine", "--vqa-source", "listed", "--vqa-items", "4", "--seeds", "1", "--shots", "0",
+                    "--max-new-tokens", "3", "--out", str(out), "--name", "m"]) == 0
+    assert json.load(open(out / "m.json"))["records"]

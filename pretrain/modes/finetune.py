@@ -88,27 +88,11 @@ class FinetuneMode(Mode):
 
     def configure(self, cfg) -> None:
         """The source's model settings (finetune.model_from_init); packed examples get the document mask."""
-        from pretrain.model_io import CONSOLIDATED, ConvertError, locate, source_config
+        from pretrain.modes.base import model_from_init
 
         f, init = cfg.finetune, cfg.checkpoint.init_from
         if f.tasks and init and f.model_from_init:
-            try:
-                src = source_config(init)
-            except ConvertError as e:
-                raise ConfigError(f"checkpoint.init_from: {e}") from None
-            keep = {k: getattr(cfg.model, k) for k in ("attention_backend", "activation_checkpointing",
-                                                       "document_mask")}
-            cfg.model = src.model
-            for k, v in keep.items():
-                setattr(cfg.model, k, v)
-            if not (cfg.data.tokenizer_model or cfg.data.vocab_file):
-                if locate(init)[0] == CONSOLIDATED:  # a consolidated dir carries its tokenizer files
-                    from data_tools.tokenizer import load_from_dir, write_to_data_config
-
-                    write_to_data_config(load_from_dir(init), cfg.data)
-                else:
-                    for k in ("tokenizer_model", "tokenizer_type", "vocab_file", "merge_file", "eod_id"):
-                        setattr(cfg.data, k, getattr(src.data, k, getattr(cfg.data, k)))
+            model_from_init(cfg, add_parts=False)
         if f.pack and not cfg.model.document_mask:
             cfg.model.document_mask = True  # packed examples must not see each other
 

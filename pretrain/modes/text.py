@@ -85,11 +85,30 @@ class TextMode(Mode):
     def __init__(self, cfg):
         self.name = data_mode(cfg)
 
+    def configure(self, cfg) -> None:
+        """Continued pretraining (`checkpoint.model_from_init`): the model of checkpoint.init_from, with a text or
+        vision encoder of the config's added where it has none (pretrain/modes/base.py model_from_init)."""
+        if cfg.checkpoint.init_from and cfg.checkpoint.model_from_init:
+            from pretrain.modes.base import model_from_init
+
+            self.added = model_from_init(cfg, add_parts=True)
+        self.name = data_mode(cfg)
+
     def check(self, cfg, pipeline: bool) -> None:
         if cfg.model.vision is not None:
             raise ConfigError("model.vision is set but data.image_path is empty: a vision-language model trains on "
                               "image-text data (python -m data_tools.images fetch ...)")
         check_text_data(cfg)
+
+    def check_tokenizer(self, cfg, tokenizer) -> None:
+        """After the run's tokenizer is resolved: the splits the run reads get documents."""
+        from data_tools.cli import UserError
+        from data_tools.datasets import check_splits
+
+        try:
+            check_splits(cfg.data, need_valid=cfg.logging.eval_interval > 0 and cfg.logging.eval_iters > 0)
+        except UserError as e:
+            raise ConfigError(f"data.split: {e}") from None
 
     def build_data(self, cfg, tokenizer, dp: int):
         warn_if_span_cap_binds(cfg)

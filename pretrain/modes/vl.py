@@ -24,6 +24,17 @@ class VisionLanguageMode(TextMode):
                               "vision-language training yet (text-only pretraining and finetuning dock it)")
         check_text_data(cfg)
 
+    def check_tokenizer(self, cfg, tokenizer) -> None:
+        """The image markers: found by name in any tokenizer (data_tools/tokenizer.py), or added to a
+        tokenizer.json by `python -m data_tools.tokenizer add-image-tokens`."""
+        super().check_tokenizer(cfg, tokenizer)
+        from data_tools.vl_samples import VLIds
+
+        try:
+            VLIds.of(tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"data.tokenizer_model: {e}") from None
+
     def absolute_paths(self, cfg) -> None:
         from data_tools.image_text import parse_image_path
 
