@@ -76,6 +76,7 @@ bench: setup
 	$(BIN)/python -m bench.vision_tower
 	$(BIN)/python -m bench.eval_throughput
 	$(BIN)/python -m bench.vl_throughput
+	$(BIN)/python -m bench.compile_cpu
 
 clean:
 	rm -rf $(VENV) work

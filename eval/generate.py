@@ -12,8 +12,11 @@
   times both).
 - Decoding: greedy (`--temperature 0`), or temperature / top-k / top-p sampling from a `torch.Generator` seeded
   with `--seed` (same seed, same text). Stops at `</s>` or the end-of-document token `</d>`, at any `--stop`
-  string (cut before it), or after `--max-new-tokens`. `max_seq_length` guard: prompts longer than the model's
-  limit lose tokens from the left (a warning says how many); the new tokens are capped to what still fits.
+  string (cut before it), or after `--max-new-tokens`. `max_seq_length` guard, lm-evaluation-harness' rule: a
+  prompt keeps its last `max_seq_length - max_new_tokens` tokens (a note says how many were cut), so the
+  continuation keeps its whole budget; only where that would leave no prompt token is room left for fewer new
+  tokens (capped, with a note). Each row of a batch has its own budget: batched equals one by one.
+- The text of the new tokens is decoded as it continues the prompt (a leading space is kept).
 - Collective under tensor parallelism: logits are gathered over TP ranks and the chosen tokens broadcast from TP
   rank 0, so every rank returns the same text.
 
@@ -163,22 +166,30 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
     passages = list(passages) if passages is not None else [[] for _ in range(B)]
     stop_ids = set(stop_ids if stop_ids is not None else (tok.ids.eos, tok.ids.eod))
     outs = [Generation([]) for _ in range(B)]
-    rows = []
+    rows, limits, prompt_ids = [], [], []
     for b, (passage, prompt) in enumerate(zip(passages, prompts)):
-        over = 1 + len(passage) + len(prompt) + 1 - max_seq_length  # room for at least one new token
-        if over > 0:
-            if over > len(prompt):
-                raise ValueError(f"row {b}: the passage alone ({len(passage)} tokens) leaves no room under "
-                                 f"max_seq_length={max_seq_length}")
+        # lm-evaluation-harness' rule: the context keeps its last max_seq_length - max_new_tokens tokens, so the
+        # continuation has its full budget; only where that leaves no prompt token at all, room for one new token
+        head = 1 + len(passage)  # <s> and the passage's slots
+        if head + 1 > max_seq_length:
+            raise ValueError(f"row {b}: the passage alone ({len(passage)} tokens) leaves no room under "
+                             f"max_seq_length={max_seq_length}")
+        keep = max_seq_length - g.max_new_tokens - head
+        if keep < 1:
+            keep = max_seq_length - 1 - head
+        if len(prompt) > keep:
+            over = len(prompt) - keep
             prompt = prompt[over:]
             outs[b].prompt_truncated = over
             outs[b].notes.append(f"prompt cut by {over} tokens from the left (max_seq_length {max_seq_length})")
+        prompt_ids.append(list(prompt))
         rows.append((list(passage), [tok.ids.bos] + list(passage) + list(prompt)))
+        # each row's own budget: what its own length leaves (a batch gives what each prompt gives alone)
+        limits.append(max(0, min(g.max_new_tokens, max_seq_length - len(rows[-1][1]))))
+        if limits[-1] < g.max_new_tokens:
+            outs[b].notes.append(f"max_new_tokens capped at {limits[-1]} by max_seq_length {max_seq_length}")
     P = max(len(d) for _, d in rows)
-    new = min(g.max_new_tokens, max_seq_length - P)
-    if new < g.max_new_tokens:
-        for o in outs:
-            o.notes.append(f"max_new_tokens capped at {new} by max_seq_length {max_seq_length}")
+    new = max(limits)
     from eval.inference import model_aligner
 
     aligner = model_aligner(model, tok) if any(p for p, _ in rows) else None
@@ -192,6 +203,9 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
         logits = decode_step(model, batch, step_mask(valid, 0, P), cache)[:, -1]
         pos = batch["position_ids"][:, -1:]
         seq = batch["tokens"]
+        for b in range(B):
+            if limits[b] == 0:
+                done[b] = True
         for t in range(new):
             logits[:, vocab:] = float("-inf")  # model rows beyond the tokenizer's vocabulary
             nxt = _tp_broadcast(choose(logits, g, gen))
@@ -205,10 +219,12 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
                     continue
                 outs[b].ids.append(i)
                 if g.stop:
-                    text = tok.decode(outs[b].ids)
+                    text = continuation_text(tok, prompt_ids[b], outs[b].ids)
                     if any(s in text for s in g.stop):
                         done[b] = True
                         outs[b].stopped_by = "stop string"
+                if not done[b] and len(outs[b].ids) >= limits[b]:
+                    done[b] = True  # this row's budget (stopped_by stays "length")
             if bool(done.all()) or t == new - 1:
                 break
             nxt = torch.where(done, torch.full_like(nxt, tok.ids.pad), nxt)
@@ -225,12 +241,23 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
                     d = batch["dock_dst"]
                     full["dock_dst"] = torch.where(d == B * P, B * T, d // P * T + d % P)
                 logits = decode_step(model, full, step_mask(valid, 0, P + t + 1), None)[:, -1]
-    for o in outs:
-        o.text = tok.decode(o.ids)
+    for b, o in enumerate(outs):
+        o.text = continuation_text(tok, prompt_ids[b], o.ids)
         if g.stop and o.stopped_by == "stop string":
             cut = min(o.text.index(s) for s in g.stop if s in o.text)
             o.text = o.text[:cut]
     return outs
+
+
+def continuation_text(tok, prompt: list[int], new: list[int]) -> str:
+    """The new tokens' text as it continues the prompt: decoding them alone loses a leading space (SentencePiece
+    drops a leading '▁'; byte-level BPE keeps it); the prompt's decoded text is taken off the whole text's."""
+    if not new:
+        return ""
+    tail = prompt[-16:]  # enough context for the boundary; decoding the whole prompt each step costs more
+    head = tok.decode(tail)
+    whole = tok.decode(tail + list(new))
+    return whole[len(head):] if whole.startswith(head) else tok.decode(new)
 
 
 def _positions_after(batch: dict, n: int) -> torch.Tensor:

@@ -187,7 +187,32 @@ def test_sampling_stop_strings_and_length_guard(loaded, moby_jsonl):
     assert eos_first.ids == [] and eos_first.stopped_by == "eos"
     long = list(range(10, 10 + L + 20))
     o = generate_batch(model, tok, [long], GenerationConfig(8), L, stop_ids=())[0]
-    assert o.prompt_truncated == 22 and len(o.ids) == 1 and o.notes  # 1 + (L - 2) prompt tokens + 1 new
+    # lm-eval's rule: the context keeps its last L - 8 tokens (<s> included), the continuation all 8
+    assert o.prompt_truncated == 29 and len(o.ids) == 8 and o.notes
+    o = generate_batch(model, tok, [long], GenerationConfig(L), L, stop_ids=())[0]
+    assert o.prompt_truncated == 22 and len(o.ids) == 1  # no prompt would be left: room for one new token
+
+
+def test_batched_generation_gives_each_row_its_own_budget(loaded, moby_jsonl):
+    """Prompts of very different lengths near max_seq_length: each row's budget is its own (before: every row was
+    capped by the longest prompt), batched equals one by one; the decoded text keeps its leading space."""
+    from eval.generate import GenerationConfig, continuation_text, generate_batch
+
+    model, cfg, tok, _ = loaded
+    L = cfg.model.max_seq_length
+    text = json.loads(open(moby_jsonl).readline())["text"]
+    ids = tok.encode(text)
+    ps = [ids[:2], ids[10:30], ids[50:50 + L - 10]]
+    for g in (GenerationConfig(24), GenerationConfig(L - 1)):
+        batched = generate_batch(model, tok, ps, g, L, stop_ids=())
+        single = [generate_batch(model, tok, [p], g, L, stop_ids=())[0] for p in ps]
+        assert [o.ids for o in batched] == [o.ids for o in single]
+        assert [o.text for o in batched] == [o.text for o in single]
+        want = [24, 24, 24] if g.max_new_tokens == 24 else [L - 3, L - 21, 9]
+        assert [len(o.ids) for o in batched] == want, [len(o.ids) for o in batched]
+    assert batched[2].prompt_truncated == 0 and "capped at 9" in batched[2].notes[0]
+    words = tok.encode("The whale swam on")
+    assert continuation_text(tok, words[:2], words[2:]) == " swam on" and tok.decode(words[2:]) == "swam on"
 
 
 def test_generate_cli(trained, tmp_path):
