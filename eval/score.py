@@ -19,7 +19,8 @@
   (`max_seq_length`) are truncated from the left; the report counts truncated sequences and tokens.
 - `--model` is a consolidated directory or a run / checkpoint directory of pretrain.train.
 Writes OUT/NAME.json (one record per task x placement x shots x seed: model, step, n, metrics, truncations, chance
-and majority-class rates) and OUT/NAME.md; `python -m eval.report OUT/*.json` compares models.
+and majority-class rates) and OUT/NAME.md; `--log-samples` also OUT/NAME.samples.jsonl (one line per item and
+setting: choices, log-likelihoods, each metric's prediction); `python -m eval.report OUT/*.json` compares models.
 """
 from __future__ import annotations
 
@@ -130,8 +131,10 @@ def limits(cfg, max_encoder_length: int | None = None) -> tuple[int, int]:
 
 def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequence[int], placements: Sequence[str],
              seeds: int, split: str = "test", limit: int | None = None, batch_size: int = 16,
-             max_encoder_length: int | None = None, log=print, meta: dict | None = None) -> list[dict]:
-    """One record per task x placement x shots x seed."""
+             max_encoder_length: int | None = None, log=print, meta: dict | None = None,
+             samples: list | None = None) -> list[dict]:
+    """One record per task x placement x shots x seed. `samples`: a list that receives one record per item of each
+    setting (lm-evaluation-harness' `--log_samples`): its choices, their log-likelihoods, what each metric chose."""
     from tqdm import tqdm
 
     dec_limit, enc_limit = limits(cfg, max_encoder_length)
@@ -157,11 +160,40 @@ def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequen
                            "truncated_sequences": sc.truncated_sequences, "truncated_tokens": sc.truncated_tokens,
                            "seconds": round(time.perf_counter() - t0, 2)}
                     records.append(rec)
+                    if samples is not None:
+                        samples.extend(item_records(sc, task, items, {"task": name, "split": split,
+                                                                      "placement": placement, "shots": k,
+                                                                      "seed": seed}))
                     log(f"{name:22s} {placement:8s} {k}-shot seed {seed}: acc {m['acc']:.3f} acc_norm "
                         f"{m['acc_norm']:.3f} acc_mi {m['acc_mutual_info']:.3f} (n={len(items)}, chance "
                         f"{m['chance']:.2f}, majority {m['majority']:.2f}, truncated {sc.truncated_sequences}) "
                         f"{rec['seconds']:.1f}s")
     return records
+
+
+def item_records(sc: TaskScores, task: Task, items: list[dict], setting: dict) -> list[dict]:
+    """Per-item records of one setting: the same argmax rules as TaskScores.metrics, item by item."""
+    out = []
+    for i, (it, ll, un, cc, y) in enumerate(zip(items, sc.lls, sc.unconditional, sc.choice_chars, sc.labels)):
+        ll, un = np.array(ll), np.array(un)
+        picks = {"acc": int(np.argmax(ll)), "acc_norm": int(np.argmax(ll / np.array(cc, dtype=float))),
+                 "acc_mutual_info": int(np.argmax(ll - un))}
+        out.append({**setting, "item": i, "id": it.get("id", i), "label": int(y), "choices": list(task.choices(it)),
+                    "loglikelihoods": [float(x) for x in ll], "unconditional": [float(x) for x in un],
+                    "choice_chars": [int(c) for c in cc], "predictions": picks,
+                    "correct": {m: int(c == y) for m, c in picks.items()}})
+    return out
+
+
+def write_samples(samples: list[dict], out_dir: str, name: str) -> str:
+    """OUT/NAME.samples.jsonl, one line per scored item (temporary name, then renamed)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.samples.jsonl")
+    with open(path + ".tmp", "w") as f:
+        for rec in samples:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def markdown(records: list[dict]) -> str:
@@ -213,7 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-encoder-length", type=int, help="encoder piece limit (default: model max_seq_length)")
     p.add_argument("--name", help="model name in the report (default: from the path)")
     p.add_argument("--out", help="directory for NAME.json and NAME.md")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also OUT/NAME.samples.jsonl: every item's choices, log-likelihoods and predictions "
+                        "(lm-evaluation-harness' --log_samples)")
     args = p.parse_args(argv)
+    if args.log_samples and not args.out:
+        print("error: --log-samples needs --out (where NAME.samples.jsonl goes)", file=sys.stderr)
+        return 2
     from data_tools.cli import UserError
     from eval.inference import ModelLoadError, load_model
 
@@ -232,8 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = args.name or model_name(args.model)
         meta = {"model": name, "model_path": os.path.abspath(args.model), "step": info.get("step"),
                 "encoder": cfg.model.encoder is not None}
+        samples = [] if args.log_samples else None
         records = evaluate(model, cfg, tok, args.data, tasks, args.shots, placements, args.seeds, args.split,
-                           args.limit, args.batch_size, args.max_encoder_length, meta=meta)
+                           args.limit, args.batch_size, args.max_encoder_length, meta=meta, samples=samples)
     except (UserError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -241,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         for path in write_report(records, args.out, name):
             print(f"wrote {path}")
+        if samples is not None:
+            print(f"wrote {write_samples(samples, args.out, name)} ({len(samples)} items)")
     return 0
 
 

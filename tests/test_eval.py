@@ -100,10 +100,17 @@ def test_score_cli_report_and_errors(trained, task_dir, tmp_path):
     cmd = [sys.executable, "-m", "eval.score", "--model", str(trained[1]), "--data", str(task_dir), "--tasks",
            "polarity,spam", "--shots", "0,1", "--placement", "causal,encoder", "--seeds", "2", "--limit", "12",
            "--max-encoder-length", "48", "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    r = subprocess.run(cmd + ["--log-samples"], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     recs = json.load(open(out / "metalm.json"))["records"]
     assert len(recs) == 2 * 2 * (1 + 2)  # tasks x placements x (0-shot once + 1-shot x 2 seeds)
+    items = [json.loads(l) for l in open(out / "metalm.samples.jsonl")]
+    assert len(items) == 12 * len(recs)
+    for rec in recs:  # the per-item records give the setting's metrics
+        mine = [i for i in items if all(i[k] == rec[k] for k in ("task", "placement", "shots", "seed"))]
+        assert len(mine) == 12 and all(len(i["loglikelihoods"]) == len(i["choices"]) for i in mine)
+        for m in ("acc", "acc_norm", "acc_mutual_info"):
+            assert sum(i["correct"][m] for i in mine) / 12 == pytest.approx(rec["metrics"][m])
     for rec in recs:
         assert rec["n"] == 12 and rec["step"] == 4 and 0 <= rec["metrics"]["acc"] <= 1
         assert {"acc", "acc_norm", "acc_mutual_info"} == set(rec["metrics"]) and "truncated_sequences" in rec
