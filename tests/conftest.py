@@ -7,7 +7,9 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-_SESSION_START = __import__("time").time()
+# the processes already there when the session started (psutil's create_time is derived from the boot time and
+# can read earlier than time.time() on a VM, so it cannot tell a new process from an old one)
+_BEFORE = {p.pid for p in __import__("psutil").process_iter()}
 # processes of ours that a test may start (launcher, torchrun, ranks, the deepspeed runner, spawned TP workers)
 _OURS = ("pretrain.", "torch.distributed.run", "bin/deepspeed", "multiprocessing.spawn", "eval.", "data_tools.")
 
@@ -23,9 +25,9 @@ def no_leftover_processes(request):
     me = psutil.Process()
     below = {p.pid for p in me.children(recursive=True)}
     left = []
-    for p in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
+    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
         try:
-            if p.pid == me.pid or p.info["create_time"] < _SESSION_START:
+            if p.pid == me.pid or p.pid in _BEFORE:
                 continue
             cmd = " ".join(p.info["cmdline"] or [])
             if (p.pid in below or p.info["ppid"] == 1) and any(k in cmd for k in _OURS):
@@ -41,15 +43,18 @@ def no_leftover_processes(request):
         except psutil.Error:
             pass
     if alive:
-        import sys
-
         names = []
         for p in alive:
             try:
                 names.append(f"{p.pid} {' '.join(p.cmdline()[:4])}")
             except psutil.Error:
                 names.append(str(p.pid))
-        sys.__stderr__.write(f"\n{request.node.nodeid}: killed {len(alive)} leftover process(es): {names}\n")
+        line = f"{request.node.nodeid}: killed {len(alive)} leftover process(es): {names}"
+        plugins = request.config.pluginmanager
+        reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():  # on the terminal (and in CI's log), not in the capture
+                reporter.write_line("\n" + line, yellow=True)
 
 
 @pytest.fixture(scope="session")
