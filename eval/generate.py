@@ -197,15 +197,12 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
     valid = torch.cat([valid_prompt, torch.ones(B, max(new, 0), dtype=torch.bool, device=dev)], 1)
     gen = torch.Generator().manual_seed(g.seed)
     vocab = tok.vocab_size
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    done = torch.tensor([n == 0 for n in limits], dtype=torch.bool, device=dev)  # a row with no budget is done
     with inference_mode(model):
         cache = new_cache(model, B, P + new) if g.use_cache else None
         logits = decode_step(model, batch, step_mask(valid, 0, P), cache)[:, -1]
         pos = batch["position_ids"][:, -1:]
         seq = batch["tokens"]
-        for b in range(B):
-            if limits[b] == 0:
-                done[b] = True
         for t in range(new):
             logits[:, vocab:] = float("-inf")  # model rows beyond the tokenizer's vocabulary
             nxt = _tp_broadcast(choose(logits, g, gen))

@@ -49,12 +49,17 @@ class TaskScores:
     truncated_sequences: int
     truncated_tokens: int
 
+    def predictions(self) -> list[dict[str, int]]:
+        """Per item, the choice each metric picks: the argmax of the log-likelihood (acc), of it per character
+        (acc_norm), of it minus the unconditional one (acc_mutual_info)."""
+        return [{"acc": int(np.argmax(l)), "acc_norm": int(np.argmax(np.array(l) / np.array(c, dtype=float))),
+                 "acc_mutual_info": int(np.argmax(np.array(l) - np.array(u)))}
+                for l, u, c in zip(self.lls, self.unconditional, self.choice_chars)]
+
     def metrics(self) -> dict:
-        acc = [int(np.argmax(l) == y) for l, y in zip(self.lls, self.labels)]
-        acc_norm = [int(np.argmax(np.array(l) / np.array(c, dtype=float)) == y)
-                    for l, c, y in zip(self.lls, self.choice_chars, self.labels)]
-        mi = [int(np.argmax(np.array(l) - np.array(u)) == y)
-              for l, u, y in zip(self.lls, self.unconditional, self.labels)]
+        picks = self.predictions()
+        acc, acc_norm, mi = ([int(p[m] == y) for p, y in zip(picks, self.labels)]
+                             for m in ("acc", "acc_norm", "acc_mutual_info"))
         n = len(self.labels)
         counts = np.bincount(self.labels) if n else np.zeros(1)
         return {"acc": float(np.mean(acc)) if n else float("nan"),
@@ -172,17 +177,13 @@ def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequen
 
 
 def item_records(sc: TaskScores, task: Task, items: list[dict], setting: dict) -> list[dict]:
-    """Per-item records of one setting: the same argmax rules as TaskScores.metrics, item by item."""
-    out = []
-    for i, (it, ll, un, cc, y) in enumerate(zip(items, sc.lls, sc.unconditional, sc.choice_chars, sc.labels)):
-        ll, un = np.array(ll), np.array(un)
-        picks = {"acc": int(np.argmax(ll)), "acc_norm": int(np.argmax(ll / np.array(cc, dtype=float))),
-                 "acc_mutual_info": int(np.argmax(ll - un))}
-        out.append({**setting, "item": i, "id": it.get("id", i), "label": int(y), "choices": list(task.choices(it)),
-                    "loglikelihoods": [float(x) for x in ll], "unconditional": [float(x) for x in un],
-                    "choice_chars": [int(c) for c in cc], "predictions": picks,
-                    "correct": {m: int(c == y) for m, c in picks.items()}})
-    return out
+    """Per-item records of one setting (TaskScores.predictions: what TaskScores.metrics averages)."""
+    return [{**setting, "item": i, "id": it.get("id", i), "label": int(y), "choices": list(task.choices(it)),
+             "loglikelihoods": [float(x) for x in ll], "unconditional": [float(x) for x in un],
+             "choice_chars": [int(c) for c in cc], "predictions": picks,
+             "correct": {m: int(c == y) for m, c in picks.items()}}
+            for i, (it, ll, un, cc, y, picks) in enumerate(zip(items, sc.lls, sc.unconditional, sc.choice_chars,
+                                                                  sc.labels, sc.predictions()))]
 
 
 def write_samples(samples: list[dict], out_dir: str, name: str) -> str:
