@@ -78,6 +78,18 @@ BBH_TASKS: dict[str, str | tuple[str, ...]] = {
     "word_sorting": GENERATIVE,
 }
 
+# the BBH paper's two families (Suzgun et al. 2022, Table 2): algorithmic and multi-step arithmetic vs natural-language
+# understanding; kept as metadata (`family`), they make the clusters of instruction tuning
+BBH_ALGORITHMIC = ("boolean_expressions", "dyck_languages", "geometric_shapes", "logical_deduction_five_objects",
+                   "logical_deduction_seven_objects", "logical_deduction_three_objects", "multistep_arithmetic_two",
+                   "navigate", "object_counting", "temporal_sequences", "tracking_shuffled_objects_five_objects",
+                   "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects",
+                   "web_of_lies", "word_sorting")
+
+
+def bbh_family(task: str) -> str:
+    return "algorithmic" if task in BBH_ALGORITHMIC else "nlp"
+
 
 class SourceUnavailable(UserError):
     """No place this task's files can come from is reachable here (a missing optional source, not a bad input).

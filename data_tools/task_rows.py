@@ -25,7 +25,7 @@ def example_sequences(task, items: list[dict], tok, placement: str, T: int, enc_
     out = []
     for it in items:
         seqs = build_sequences(task, it, [], placement, tok, T, enc_limit)
-        out.append(seqs[it["label"]])
+        out.append(seqs[it.get("label", 0)])  # a generative item's one "choice" is its target
     return out
 
 
@@ -131,15 +131,15 @@ class TaskRows:
 
 def build_task_rows(task_names, data_dir: str, tok, T: int, num_rows: int, placement: str, seed: int,
                     max_items: int = 0, weights=None, pack: bool = True, aligner=None) -> TaskRows:
-    """Rows of `num_rows` x `T` tokens from the train splits of the named registry tasks (fetched under
-    `data_dir`); `weights` default to the tasks' sizes."""
+    """Rows of `num_rows` x `T` tokens from the train splits of the named tasks (built-in ones fetched under
+    `data_dir`, task files read from their own data files); `weights` default to the tasks' sizes."""
     from data_tools.tasks import get_task, load_split
 
-    tasks = [get_task(t, scored=True) for t in task_names]
+    tasks = [get_task(t) for t in task_names]  # generative tasks too: their target is the answer
     enc_limit = T  # an example (its encoder piece docked into decoder slots) fits one row, cut from the left
     seqs = []
     for task in tasks:
-        items = load_split(data_dir, task.name, "train")
+        items = load_split(data_dir, task, "train")
         if max_items:
             items = items[:max_items]
         seqs.append(example_sequences(task, items, tok, placement, T, enc_limit))

@@ -69,7 +69,7 @@ def causal_context(task: Task, item: dict, demos: list[dict]) -> str:
     def one(it):
         return f"{task.render(it)} {task.cue}".strip() if task.cue else task.render(it).strip()
 
-    shots = [f"{one(d)}{TARGET_DELIMITER}{task.choices(d)[d['label']]}" for d in demos]
+    shots = [f"{one(d)}{TARGET_DELIMITER}{task.answer(d)}" for d in demos]
     return CAUSAL_FEWSHOT_DELIMITER.join(shots + [one(item)])
 
 
@@ -89,7 +89,7 @@ def build_sequences(task: Task, item: dict, demos: list[dict], placement: str, t
         for d in demos:
             pieces.append(("enc", encode(tok, task.render(d))))
             pieces.append(("dec", (tok.encode(task.cue) if task.cue else [])
-                           + tok.encode(task.choices(d)[d["label"]]) + [tok.ids.eos]))
+                           + tok.encode(task.answer(d)) + [tok.ids.eos]))
         pieces.append(("enc", encode(tok, task.render(item))))
         if task.cue:
             pieces.append(("dec", tok.encode(task.cue)))
@@ -100,6 +100,22 @@ def build_sequences(task: Task, item: dict, demos: list[dict], placement: str, t
     for s in seqs:
         truncate(s, dec_limit, enc_limit, target_room=len(s.target) if placement == "causal" else longest)
     return seqs
+
+
+def generation_prompt(task: Task, item: dict, demos: list[dict], placement: str, tok) -> tuple[list[int], list[int]]:
+    """(encoder passage ids, decoder prompt ids after `<s>`) to generate the answer of `item` from: `causal`, the
+    scorer's context (lm-eval's `generate_until` prompt: demonstrations + input + cue, one decoder string);
+    `encoder`, the input as the passage docked after `<s>` and the cue as the prompt (zero-shot: generation docks
+    one passage per row)."""
+    if placement == "causal":
+        ctx = causal_context(task, item, demos)
+        return [], encode(tok, ctx) if EOS_MARKER in ctx else tok.encode(ctx)
+    if placement != "encoder":
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if demos:
+        raise ValueError("generation with the encoder placement is zero-shot (one passage per row): use --shots 0 "
+                         "or --placement causal")
+    return encode(tok, task.render(item)), tok.encode(task.cue) if task.cue else []
 
 
 def truncate(seq: Sequence, dec_limit: int, enc_limit: int, target_room: int | None = None) -> None:

@@ -3,7 +3,8 @@
     python -m data_tools.tasks list
     python -m data_tools.tasks fetch --name spam|finefoods|polarity|presuppositions_as_nli|bbh:navigate|...|bbh|all \
         --out work/tasks [--bigbench DIR] [--bbh DIR]
-    python -m data_tools.tasks show --data work/tasks --name spam --split train -n 3
+    python -m data_tools.tasks show --data work/tasks --name spam --split train -n 3 [--template options]
+    python -m data_tools.tasks check --name path/to/my_task.yaml      (a task file: fields, data, counts)
 
 Sources (registry packages, see shared/design/DATA_SOURCES.md, and BIG-bench / BIG-Bench Hard from where the user
 has them, `data_tools.bigbench`):
@@ -28,11 +29,14 @@ generative task; `bbh:TASK` goes to `OUT/bbh/TASK/`) and `OUT/NAME/meta.json` (p
 input archive or file, counts per split, skipped items by reason and id). The directory is written under a temporary
 name and renamed when complete. Same input, same bytes out.
 
-The registry (`TASKS`): per task the prompt template (what the task input is: it goes to the encoder under the
-`encoder` placement), the cue (decoder text after the input, e.g. `Label:`), the verbaliser (label -> answer text;
-multiple-choice tasks take the item's own `choices`) and the metrics. `</s>` in a template is the end-of-sentence
-token itself (the paper's `<s> Premise: ... </s> Hypothesis: ... </s> Label:`). Adding a task = a `Task` entry and,
-for a new source, a fetcher in `FETCHERS`.
+The registry (`TASKS`): task files (data_tools/task_files.py: lm-evaluation-harness' field names), one per task in
+`data_tools/tasks_builtin/`, and the 27 `bbh:TASK` tasks by name. Per task: templates (each an id, the task input
+-- what goes to the encoder under the `encoder` placement -- and the cue, the decoder text after it), the
+verbaliser (label -> answer text; multiple-choice tasks without one take the item's own `choices`), the metrics
+and metadata (its `cluster`). `</s>` in a template is the end-of-sentence token itself (the paper's
+`<s> Premise: ... </s> Hypothesis: ... </s> Label:`). A user's own task is a task file naming its data files: pass
+its path wherever a task name goes (`--tasks path/to/task.yaml`), or put NAME.yaml in a tasks directory
+(`--tasks-dir DIR` / `$METALM_TASKS`); nothing to fetch. A new built-in source = a fetcher in `FETCHERS`.
 """
 from __future__ import annotations
 
@@ -55,82 +59,74 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from data_tools import packages
-from data_tools.bigbench import (BBH_LICENCE, BBH_TASKS, BIGBENCH_SDIST, GENERATIVE, LETTERS, Locations,
+from data_tools.bigbench import (BBH_LICENCE, BBH_TASKS, BIGBENCH_SDIST, GENERATIVE, LETTERS, Locations, bbh_family,
                                  SourceUnavailable, add_location_args, bbh_task_file, bigbench_task_file,
                                  locations_from_args, parse_bbh, read_task_json)
 from data_tools.cli import UserError, run_cli
 from data_tools.packages import DEFAULT_CACHE
+from data_tools.task_files import TASK_FILE_SUFFIXES, Task, Template, file_split, is_task_file, read_task_file
 
 SPLITS = ("train", "validation", "test")
 SEED = 1234
 
 
 # ====================================================================== the registry
-@dataclass(frozen=True)
-class Task:
-    name: str
-    source: str  # key into FETCHERS
-    template: str  # the task input, formatted from the item's fields
-    cue: str  # decoder-side text after the input ("" for none)
-    answers: tuple[str, ...] = ()  # verbaliser: label index -> answer text; () = the item's own `choices`
-    metrics: tuple[str, ...] = ("acc", "acc_norm")
-    description: str = ""
-    generative: bool = False  # a free `target` string per item instead of choices + label
-
-    @property
-    def optional(self) -> bool:
-        """Its source is not a registry package (BIG-bench, BBH): it may be unreachable on a given machine."""
-        return self.source.startswith(("bigbench:", "bbh:"))
-
-    def choices(self, item: dict) -> list[str]:
-        return list(self.answers) if self.answers else list(item["choices"])
-
-    def render(self, item: dict) -> str:
-        try:
-            return self.template.format_map(item)
-        except KeyError as e:
-            raise UserError(f"task {self.name}: item {item.get('id')!r} has no field {e} (template "
-                            f"{self.template!r})") from None
+BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks_builtin")
+TASKS_DIR_ENV = "METALM_TASKS"  # more task files: directories of NAME.yaml, separated by os.pathsep
+# BIG-Bench Hard: BBH's own prompt shape first (`Q: <input>` / `A: <target>`); the options are part of the input
+BBH_TEMPLATES = (Template("qa", "Q: {{text}}", "A:"), Template("answer", "{{text}}", "Answer:"),
+                 Template("question", "Question: {{text}} </s>", "The answer is"))
 
 
-NLI_TEMPLATE = "Premise: {premise} </s> Hypothesis: {hypothesis} </s>"  # paper (METHOD.md §7); <s> comes first
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("spam", "spam", "{text}", "Is this email spam? Answer:", ("no", "yes"),
-         description="SpamAssassin emails: ham (0) / spam (1)"),
-    Task("finefoods", "finefoods", "{text}", "It is", ("great", "other"),
-         description="Amazon fine-food reviews: great (0) / other (1); the paper's `... it is great/other`"),
-    Task("polarity", "polarity", "{text}", "It is", ("terrible", "great"),
-         description="movie-review sentences: negative (0) / positive (1)"),
-    Task("presuppositions_as_nli", "bigbench:presuppositions_as_nli", NLI_TEMPLATE, "Label:",
-         description="BIG-bench NLI: entailment / neutral / contradiction"),
-    Task("epistemic_reasoning", "bigbench:epistemic_reasoning", NLI_TEMPLATE, "Label:",
-         description="BIG-bench NLI over belief reports: entailment / non-entailment"),
-    Task("social_iqa", "bigbench:social_iqa", "{text}", "Answer:",
-         description="BIG-bench commonsense: social situations, 3 choices"),
-    Task("winowhy", "bigbench:winowhy", "{text}", "The above reasoning is",
-         description="BIG-bench commonsense: is a Winograd explanation correct / incorrect"),
-    Task("strategyqa", "bigbench:strategyqa", "Q: {text}", "A:",
-         description="BIG-bench multi-step reasoning: Yes / No"),
-]}
-# BIG-Bench Hard: BBH's own prompt shape (`Q: <input>` / `A: <target>`); the options are part of the input
-TASKS.update({f"bbh:{t}": Task(
-    f"bbh:{t}", f"bbh:{t}", "Q: {text}", "A:", metrics=("exact_match",) if kind == GENERATIVE else ("acc", "acc_norm"),
-    generative=kind == GENERATIVE,
-    description="BIG-Bench Hard: " + ("generative (free target)" if kind == GENERATIVE else "option letter" if
-                                      kind == LETTERS else "/".join(kind))) for t, kind in BBH_TASKS.items()})
+def _builtin() -> dict[str, Task]:
+    """The tasks shipped with the package: one file each in tasks_builtin/, and the 27 BBH tasks by name."""
+    out = {}
+    for fn in sorted(os.listdir(BUILTIN_DIR)):
+        if fn.endswith(TASK_FILE_SUFFIXES):
+            t = read_task_file(os.path.join(BUILTIN_DIR, fn))
+            out[t.name] = t
+    for name, kind in BBH_TASKS.items():
+        out[f"bbh:{name}"] = Task(
+            f"bbh:{name}", f"bbh:{name}", BBH_TEMPLATES, metrics=("exact_match",) if kind == GENERATIVE else
+            ("acc", "acc_norm"), generative=kind == GENERATIVE, metadata={"cluster": f"bbh:{bbh_family(name)}",
+                                                                          "family": bbh_family(name)},
+            description="BIG-Bench Hard: " + ("generative (free target)" if kind == GENERATIVE else "option letter"
+                                              if kind == LETTERS else "/".join(kind)))
+    return out
 
 
-def get_task(name: str, scored: bool = False) -> Task:
-    """The registered task; `scored`: it must have choices (log-likelihood scoring and finetuning need them)."""
-    if name not in TASKS:
-        bbh = [t for t in TASKS if t.startswith("bbh:")]
-        others = [t for t in TASKS if not t.startswith("bbh:")]
-        raise UserError(f"unknown task {name!r} (known: {', '.join(others)}, and bbh:TASK for the {len(bbh)} "
-                        f"BIG-Bench Hard tasks: `python -m data_tools.tasks list`)")
-    task = TASKS[name]
+TASKS: dict[str, Task] = _builtin()
+
+
+def task_dirs(extra: Sequence[str] = ()) -> list[str]:
+    return [d for d in list(extra) + os.environ.get(TASKS_DIR_ENV, "").split(os.pathsep) if d]
+
+
+def get_task(name: str, scored: bool = False, tasks_dirs: Sequence[str] = ()) -> Task:
+    """A task by name (the shipped ones, then NAME.yaml / .yml / .json in `tasks_dirs` and $METALM_TASKS) or by the
+    path of its task file. `scored`: it must have choices (log-likelihood scoring needs them)."""
+    if isinstance(name, Task):
+        task = name
+    elif name in TASKS:
+        task = TASKS[name]
+    elif is_task_file(name):
+        task = read_task_file(name)
+    else:
+        found = [os.path.join(d, name + ext) for d in task_dirs(tasks_dirs) for ext in TASK_FILE_SUFFIXES]
+        found = [f for f in found if os.path.isfile(f)]
+        if not found:
+            bbh = [t for t in TASKS if t.startswith("bbh:")]
+            others = [t for t in TASKS if not t.startswith("bbh:")]
+            raise UserError(f"unknown task {name!r} (known: {', '.join(others)}, bbh:TASK for the {len(bbh)} "
+                            f"BIG-Bench Hard tasks (`python -m data_tools.tasks list`), a task file path, or "
+                            f"NAME.yaml in a tasks directory (--tasks-dir / ${TASKS_DIR_ENV}))")
+        task = read_task_file(found[0])
     if scored and task.generative:
-        raise UserError(f"task {name!r} is generative (a free-text target, no choices): log-likelihood scoring "
-                        f"and finetuning need a multiple-choice task")
+        raise UserError(f"task {task.name!r} is generative (a free-text target, no choices): log-likelihood scoring "
+                        f"needs a multiple-choice task")
+    if task.source != "files" and task.source not in FETCHERS:
+        raise UserError(f"{task.path or task.name}: field 'dataset.source': unknown source {task.source!r} (known: "
+                        f"{', '.join(sorted(FETCHERS))})")
     return task
 
 
@@ -296,7 +292,7 @@ _NLI_PATTERNS = (re.compile(r"^Sentence 1:\s*(?P<p>.*?)\s*Sentence 2:\s*(?P<h>.*
 
 def parse_bigbench(task: str, data: dict, out: Fetched) -> None:
     """Multiple-choice examples -> items: choices in `target_scores` order, label = the unique best score."""
-    nli = TASKS[task].template == NLI_TEMPLATE if task in TASKS else False
+    nli = task in TASKS and "premise" in TASKS[task].templates[0].text  # the NLI tasks' items are premise/hypothesis
     for n, ex in enumerate(data.get("examples", [])):
         item_id = f"{task}/{n}"
         scores = ex.get("target_scores")
@@ -376,6 +372,9 @@ def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, log: Callable
     """Write OUT/NAME/{train,validation,test}.jsonl + meta.json (cached: an existing complete folder is kept).
     `where`: local folders / URLs of BIG-bench and BBH (default: the environment variables)."""
     task = get_task(name)
+    if task.source == "files":  # nothing to download: check the task's own files
+        log(check_file_task(task))
+        return os.path.dirname(task.path)
     dest = task_dir(out_dir, name)
     if os.path.isfile(os.path.join(dest, "meta.json")):
         log(f"{name}: cached at {dest}")
@@ -433,7 +432,12 @@ def fetch_available(names: Sequence[str], out_dir: str, cache_dir: str = DEFAULT
     return got, skipped
 
 
-def load_split(data_dir: str, name: str, split: str) -> list[dict]:
+def load_split(data_dir: str, name, split: str) -> list[dict]:
+    """The items of one split: a built-in task's from `data_dir` (fetched), a task file's from its own files."""
+    task = name if isinstance(name, Task) else get_task(name)
+    if task.source == "files":
+        return file_split(task, split)
+    name = task.name
     path = os.path.join(task_dir(data_dir, name), f"{split}.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"task data not found: {path} (run `python -m data_tools.tasks fetch --name {name} "
@@ -452,12 +456,34 @@ def load_split(data_dir: str, name: str, split: str) -> list[dict]:
     return items
 
 
+def task_available(data_dir: str, task: Task, split: str = "train") -> str | None:
+    """None when the split can be read, else what to do about it (one line)."""
+    try:
+        load_split(data_dir, task, split)
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def iter_names(spec: str) -> Iterator[str]:
     """`all` (every task), `bbh` (the 27 BBH tasks) or a comma list of names."""
     names = TASKS if spec == "all" else [t for t in TASKS if t.startswith("bbh:")] if spec == "bbh" \
         else spec.split(",")
     for name in names:
-        yield get_task(name.strip()).name
+        task = get_task(name.strip())
+        yield name.strip() if task.source == "files" else task.name
+
+
+def check_file_task(task: Task) -> str:
+    """Every split of a task file read and checked: one line of counts (raises UserError naming file:line)."""
+    counts = {s: len(file_split(task, s)) for s in SPLITS if s in task.data["files"] or "all" in task.data["files"]}
+    kind = "generative" if task.generative else "multiple choice"
+    for t in task.template_ids():  # every template renders the first item of each split
+        for s in counts:
+            for it in file_split(task, s)[:1]:
+                task.using(t).render(it)
+    return (f"{task.name} ({task.path}): {kind}, " + ", ".join(f"{s} {n}" for s, n in counts.items())
+            + f"; templates {', '.join(task.template_ids())}; cluster {task.cluster}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -475,14 +501,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--name", required=True)
     s.add_argument("--split", default="validation", choices=SPLITS)
     s.add_argument("-n", type=int, default=3)
+    s.add_argument("--template", default="0", help="template id or index (default: the first)")
+    c = sub.add_parser("check", help="read a task file and its data: fields, every split, every template")
+    c.add_argument("--name", required=True, help="a task file path (or a task name)")
     args = p.parse_args(argv)
     if args.cmd == "list":
         for t in TASKS.values():
             answers = "free text" if t.generative else "/".join(t.answers) if t.answers else "item choices"
-            print(f"{t.name:44s} answers: {answers:13s} -- {t.description}")
+            print(f"{t.name:44s} answers: {answers:13s} templates: {len(t.templates)} cluster: {t.cluster:18s} "
+                  f"-- {t.description}")
+        return 0
+    if args.cmd == "check":
+        task = get_task(args.name)
+        if task.source != "files":
+            print(f"{task.name}: a built-in task ({task.source}); fetch it with `fetch --name {task.name}`")
+            return 0
+        print(check_file_task(task))
         return 0
     if args.cmd == "show":
-        task = get_task(args.name)
+        task = get_task(args.name).using(args.template)
         for it in load_split(args.data, args.name, args.split)[:args.n]:
             answer = f"target {it['target']!r}" if task.generative else \
                 f"label {it['label']}: {task.choices(it)[it['label']]!r}"

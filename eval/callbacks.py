@@ -53,7 +53,7 @@ class FinetuneBest(Callback):
         for key, v in self.scorer.run(model, shard).items():  # down/<task>/<placement>/<k>shot/<metric>
             _, task, _, _, metric = key.split("/")
             out[f"ft/{task}/{metric}"] = v
-        accs = [v for k, v in out.items() if k.endswith("/acc")]
+        accs = [v for k, v in out.items() if k.endswith(("/acc", "/exact_match"))]  # generative: exact match
         out["ft/mean_acc"] = float(np.mean(accs)) if accs else float("nan")
         return out
 

@@ -35,11 +35,11 @@ class Downstream:
         return self
 
     def _setup(self, cfg, tok, tasks, data_dir, split, items, shots, placements):
-        self.tasks = [get_task(t, scored=True) for t in tasks]
+        self.tasks = [get_task(t) for t in tasks]  # generative ones by greedy exact match
         self.shots = [int(k) for k in shots]
         self.placements = list(placements)
-        self.items = {t.name: load_split(data_dir, t.name, split)[:items or None] for t in self.tasks}
-        self.pools = {t.name: load_split(data_dir, t.name, "train") if max(self.shots) > 0 else []
+        self.items = {t.name: load_split(data_dir, t, split)[:items or None] for t in self.tasks}
+        self.pools = {t.name: load_split(data_dir, t, t.fewshot_split) if max(self.shots) > 0 else []
                       for t in self.tasks}
         self.dec_limit = cfg.model.max_seq_length
         self.tok = tok
@@ -56,11 +56,20 @@ class Downstream:
             mine = self.items[task.name][dp_rank::dp]
             for placement in self.placements:
                 for k in self.shots:
-                    sc = score_items(model, self.tok, task, mine, self.pools[task.name], placement, k, 0,
-                                     self.dec_limit, self.dec_limit)
-                    m = sc.metrics()
+                    if task.generative:
+                        from eval.score import generate_items
+
+                        gs = generate_items(model, self.tok, task, mine, self.pools[task.name], placement, k, 0,
+                                            self.dec_limit, {"num_beams": 1})
+                        from eval.gen_metrics import exact_match
+
+                        em = exact_match(gs.predictions, gs.targets)
+                        m, names = {"exact_match": sum(em) / len(em) if em else 0.0}, ("exact_match",)
+                    else:
+                        sc = score_items(model, self.tok, task, mine, self.pools[task.name], placement, k, 0,
+                                         self.dec_limit, self.dec_limit)
+                        m, names = sc.metrics(), ("acc", "acc_norm", "acc_mutual_info")
                     n = len(mine)
-                    names = ("acc", "acc_norm", "acc_mutual_info")
                     t = torch.tensor([m[x] * n if n else 0.0 for x in names] + [float(n)], dtype=torch.float64)
                     if dp > 1:
                         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())

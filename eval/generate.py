@@ -246,6 +246,133 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
     return outs
 
 
+@dataclass
+class BeamResult:
+    ids: list[int]  # the best hypothesis' new tokens (without the stop token)
+    score: float  # its sum of token log-probabilities (stop token included) / length ** length_penalty
+    logprob: float  # its sum of token log-probabilities
+    text: str = ""
+    stopped_by: str = "length"
+
+
+@torch.no_grad()
+def beam_search(model, tok, prompt: list[int], num_beams: int, max_new_tokens: int, max_seq_length: int,
+                length_penalty: float = 0.6, stop: Sequence[str] = (), passage: Sequence[int] = (),
+                stop_ids: Sequence[int] | None = None) -> BeamResult:
+    """Beam search after `<s> [passage] prompt`: the k beams of one prompt are one batch of k rows sharing the KV
+    cache (reordered by beam after each step). A hypothesis ends at an end token (`</s>`, `</d>`: its
+    log-probability counts), when its text reaches a stop string (cut before it), or after `max_new_tokens`; its
+    score is its summed log-probability / (number of tokens ** length_penalty) -- transformers' rule, the paper's
+    beam 4 and length penalty 0.6. Search ends once `num_beams` hypotheses are finished (fairseq's rule,
+    transformers' `early_stopping=True`) or the budget is spent (the running beams then finish by length); the best
+    score wins. With one beam this is greedy decoding exactly (the same tokens as `generate_batch`), which is why
+    this rule and not transformers' default. Collective under TP (every rank passes the same prompt)."""
+    from eval.inference import decode_step, inference_mode, model_aligner, model_device, new_cache, step_mask
+
+    if num_beams < 1:
+        raise ValueError("num_beams must be >= 1")
+    dev = model_device(model)
+    k, passage = num_beams, list(passage)
+    stop_ids = set(stop_ids if stop_ids is not None else (tok.ids.eos, tok.ids.eod))
+    keep = max_seq_length - max_new_tokens - 1 - len(passage)  # lm-eval's rule, as generate_batch
+    if keep < 1:
+        keep = max_seq_length - 2 - len(passage)
+    prompt = list(prompt)[-keep:] if len(prompt) > keep else list(prompt)
+    row = [tok.ids.bos] + passage + prompt
+    new = max(0, min(max_new_tokens, max_seq_length - len(row)))
+    P = len(row)
+    aligner = model_aligner(model, tok) if passage else None
+    batch, valid_prompt = _prefill_batch([(passage, row)] * k, P, tok.ids.pad, dev, aligner)
+    valid = torch.ones(k, P + new, dtype=torch.bool, device=dev)
+    vocab = tok.vocab_size
+    finished: list[tuple[float, float, list[int], str]] = []  # (score, logprob, ids, stopped_by)
+
+    def norm(logprob: float, n: int) -> float:
+        return logprob / (max(n, 1) ** length_penalty)
+
+    def add(logprob: float, ids: list[int], why: str) -> None:
+        finished.append((norm(logprob, len(ids) + (why == "eos")), logprob, ids, why))
+        finished.sort(key=lambda h: -h[0])
+        del finished[k:]
+
+    beams: list[list[int]] = [[] for _ in range(k)]
+    scores = torch.full((k,), float("-inf"), dtype=torch.float64, device=dev)
+    scores[0] = 0.0  # the k rows start identical: only one is live, or the first step would pick k copies
+    with inference_mode(model):
+        cache = new_cache(model, k, P + new)
+        logits = decode_step(model, batch, step_mask(valid_prompt, 0, P), cache)[:, -1]
+        pos = batch["position_ids"][:, -1:]
+        for t in range(new):
+            logits[:, vocab:] = float("-inf")
+            logp = torch.log_softmax(logits.double(), -1)
+            cand = (scores[:, None] + logp).reshape(-1)
+            top_s, top_i = torch.topk(cand, min(2 * k, cand.numel()))  # enough to refill k beams past end tokens
+            picked = _tp_broadcast(torch.stack([top_i, top_s.view(torch.int64)]))
+            top_i, top_s = picked[0].tolist(), picked[1].view(torch.float64).tolist()
+            V = logp.shape[-1]
+            nxt_beams, nxt_ids, nxt_scores = [], [], []
+            for rank, (i, sc) in enumerate(zip(top_i, top_s)):
+                if sc == float("-inf"):
+                    break
+                b, v = divmod(i, V)
+                ids = beams[b] + [v]
+                if v in stop_ids:
+                    if rank < k:  # an end token ranked below the k best continues nothing (transformers' rule)
+                        add(sc, beams[b], "eos")
+                    continue
+                if stop:
+                    text = continuation_text(tok, prompt, ids)
+                    if any(x in text for x in stop):
+                        add(sc, ids, "stop string")
+                        continue
+                nxt_beams.append(b)
+                nxt_ids.append(ids)
+                nxt_scores.append(sc)
+                if len(nxt_ids) == k:
+                    break
+            if len(finished) == k or not nxt_ids:
+                break  # k hypotheses finished (fairseq's rule, transformers' early_stopping=True)
+            if t == new - 1:
+                for b_ids, sc in zip(nxt_ids, nxt_scores):
+                    add(sc, b_ids, "length")
+                break
+            while len(nxt_ids) < k:  # fewer live candidates than beams: pad with dead rows
+                nxt_beams.append(nxt_beams[0])
+                nxt_ids.append(nxt_ids[0])
+                nxt_scores.append(float("-inf"))
+            order = torch.tensor(nxt_beams, device=dev)
+            cache.k, cache.v = cache.k[:, order], cache.v[:, order]
+            beams, scores = nxt_ids, torch.tensor(nxt_scores, dtype=torch.float64, device=dev)
+            pos = pos + 1
+            step = {"tokens": torch.tensor([ids[-1] for ids in beams], device=dev)[:, None], "position_ids": pos}
+            logits = decode_step(model, step, step_mask(valid, P + t, 1), cache)[:, -1]
+    if not finished:  # no budget at all
+        return BeamResult([], 0.0, 0.0, "", "length")
+    score, logprob, ids, why = finished[0]
+    text = continuation_text(tok, prompt, ids)
+    if why == "stop string":
+        text = text[:min(text.index(x) for x in stop if x in text)]
+    return BeamResult(ids, score, logprob, text, why)
+
+
+def sequence_logprob(model, tok, prompt: list[int], new: list[int], end: bool = False,
+                     passage: Sequence[int] = ()) -> float:
+    """log p(new [+ </s> when `end`] | <s> [passage] prompt): the score beam search gives a hypothesis."""
+    from eval.inference import decode_step, inference_mode, model_aligner, model_device, step_mask
+
+    dev = model_device(model)
+    row = [tok.ids.bos] + list(passage) + list(prompt) + list(new)
+    target = list(new) + ([tok.ids.eos] if end else [])
+    aligner = model_aligner(model, tok) if passage else None
+    batch, valid = _prefill_batch([(list(passage), row)], len(row), tok.ids.pad, dev, aligner)
+    with inference_mode(model):
+        logits = decode_step(model, batch, step_mask(valid, 0, len(row)), None)[0]
+    logits[:, tok.vocab_size:] = float("-inf")
+    logp = torch.log_softmax(logits.double(), -1)
+    first = len(row) - len(new) - 1  # the position whose next token is new[0]
+    return float(sum(logp[first + j, v] for j, v in enumerate(target)))
+
+
 def continuation_text(tok, prompt: list[int], new: list[int]) -> str:
     """The new tokens' text as it continues the prompt: decoding them alone loses a leading space (SentencePiece
     drops a leading '▁'; byte-level BPE keeps it); the prompt's decoded text is taken off the whole text's."""

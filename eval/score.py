@@ -1,7 +1,9 @@
-"""Zero/few-shot scoring of labelled tasks by the log-likelihood of each verbalised answer.
+"""Zero/few-shot scoring of tasks: multiple choice by the log-likelihood of each verbalised answer, generative
+tasks by generating the answer (greedy or beam search) and comparing it with the target.
 
     python -m eval.score --model exported/metalm --data work/tasks --tasks spam,polarity --shots 0,1,4 \
-        --placement causal,encoder --seeds 3 --out results/
+        --placement causal,encoder --seeds 3 --templates all --out results/
+    python -m eval.score --model exported/metalm --tasks my_task.yaml,bbh:word_sorting --num-beams 4 --out results/
 
 - Classification and multiple choice alike: every answer choice is scored by the summed log-probability of its
   tokens after the prompt; `acc` = the argmax is the label, `acc_norm` = the argmax of the log-likelihood divided
@@ -16,11 +18,26 @@
 - The choices of an item share one forward pass: its prompt once, then each choice's tokens, each seeing the
   prompt and itself only (exactly what separate rows give, without recomputing the prompt k times).
 - Inputs longer than the encoder limit (`--max-encoder-length`, default the model's max_seq_length) or the decoder's
-  (`max_seq_length`) are truncated from the left; the report counts truncated sequences and tokens.
+  (`max_seq_length`) are truncated from the left; the report counts truncated sequences and tokens. The one
+  difference from lm-evaluation-harness: we keep `<s>` and cut the tokens after it (the model always saw `<s>`
+  first), lm-eval keeps the last `max_length + 1` tokens, so an over-long input loses one more context token with
+  us and starts without `<s>` with lm-eval (up to ~0.03 nats apart on a long email; tests/test_eval.py checks the
+  rule; inputs that fit score identically).
+- Tasks: names (`python -m data_tools.tasks list`), task file paths, or NAME.yaml in `--tasks-dir`
+  (data_tools/task_files.py). `--templates all` scores every template of a task; the report then gives each
+  template's rows, their average and the best template (the paper's reading).
+- Generative tasks (`output_type: generate_until`, BBH's free-target tasks): the prompt is the scorer's context
+  (demonstrations, input, cue), generation stops at an end token, a stop string (`until`, default a blank line) or
+  `max_gen_toks`; greedy decoding is batched with the KV cache, beam search (`--num-beams 4`, length penalty 0.6, as
+  the paper) batches an item's beams. The prediction is the continuation with surrounding whitespace removed;
+  metrics from their libraries (eval/gen_metrics.py: exact_match, squad_em, f1, rougeL, bleu, chrf). The encoder
+  placement generates zero-shot (the input as the encoder's passage, the cue as the prompt).
 - `--model` is a consolidated directory or a run / checkpoint directory of pretrain.train.
-Writes OUT/NAME.json (one record per task x placement x shots x seed: model, step, n, metrics, truncations, chance
-and majority-class rates) and OUT/NAME.md; `--log-samples` also OUT/NAME.samples.jsonl (one line per item and
-setting: choices, log-likelihoods, each metric's prediction); `python -m eval.report OUT/*.json` compares models.
+Writes OUT/NAME.json (one record per task x template x placement x shots x seed: model, step, n, metrics,
+truncations, chance and majority-class rates; `templates`: the average and best over templates) and OUT/NAME.md;
+`--log-samples` also OUT/NAME.samples.jsonl (one line per item and setting: choices, log-likelihoods and each
+metric's prediction, or the generation, prediction, target and per-item scores); `python -m eval.report OUT/*.json`
+compares models.
 """
 from __future__ import annotations
 
@@ -35,7 +52,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data_tools.task_samples import PLACEMENTS, build_sequences, collate_shared, sample_demos
+from data_tools.task_samples import PLACEMENTS, build_sequences, collate_shared, generation_prompt, sample_demos
 from data_tools.task_samples import Sequence as TaskSequence  # (typing's Sequence is used for hints here)
 from data_tools.tasks import Task, get_task, load_split
 
@@ -129,51 +146,179 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
                       truncated_tokens=sum(s.truncated for s in seqs))
 
 
+@dataclass
+class GenScores:
+    """A generative setting: per item the raw continuation, the prediction (it with surrounding whitespace removed)
+    and the target; corpus metrics and per-item ones (eval/gen_metrics.py)."""
+    raw: list[str]
+    predictions: list[str]
+    targets: list[str]
+    metrics: dict
+    per_item: dict
+    truncated_sequences: int
+    truncated_tokens: int
+    stopped_by: list[str]
+
+
+GENERATION_DEFAULTS = {"until": ["\n\n"], "max_gen_toks": 32, "num_beams": 1, "length_penalty": 0.6}
+
+
+def generation_settings(task: Task, override: dict | None = None) -> dict:
+    """The task file's generation_kwargs over the defaults (lm-eval's `until` = the few-shot delimiter), then the
+    command line's."""
+    g = {**GENERATION_DEFAULTS, **task.generation, **{k: v for k, v in (override or {}).items() if v is not None}}
+    if g.get("do_sample") or g.get("temperature", 0):
+        raise ValueError(f"task {task.name}: generation_kwargs ask for sampling; scoring decodes greedily or by beam "
+                         "search (do_sample: false, temperature: 0)")
+    return g
+
+
+def generate_items(model, tok, task: Task, items: list[dict], pool: list[dict], placement: str, shots: int,
+                   seed: int, dec_limit: int, generation: dict | None = None, batch_size: int = 16,
+                   progress=None) -> GenScores:
+    """Generate every item's answer (greedy, batched with the KV cache; or beam search, the k beams of an item
+    batched) and score it against its target. Collective under TP (every rank passes the same items)."""
+    from eval import gen_metrics
+    from eval.generate import GenerationConfig, beam_search, generate_batch
+
+    if placement == "encoder" and getattr(model, "encoder", None) is None:
+        raise ValueError("placement 'encoder' needs a model with a text encoder (this one is a GPT baseline: use "
+                         "--placement causal)")
+    g = generation_settings(task, generation)
+    if not items:
+        return GenScores([], [], [], {m: float("nan") for m in task.metrics}, {}, 0, 0, [])
+    rows = []
+    for i, item in enumerate(items):
+        demos = sample_demos(pool, shots, np.random.default_rng([seed, i]), exclude_id=item.get("id"))
+        rows.append(generation_prompt(task, item, demos, placement, tok))
+    raw, why, cut = [""] * len(items), [""] * len(items), [0] * len(items)
+    if g["num_beams"] == 1:
+        cfg = GenerationConfig(max_new_tokens=g["max_gen_toks"], stop=tuple(g["until"]))
+        order = sorted(range(len(rows)), key=lambda j: -len(rows[j][1]) - len(rows[j][0]))  # similar lengths batch
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            outs = generate_batch(model, tok, [rows[j][1] for j in chunk], cfg, dec_limit,
+                                  passages=[rows[j][0] for j in chunk])
+            for j, o in zip(chunk, outs):
+                raw[j], why[j], cut[j] = o.text, o.stopped_by, o.prompt_truncated
+            if progress is not None:
+                progress.update(len(chunk))
+    else:
+        for j, (passage, prompt) in enumerate(rows):
+            r = beam_search(model, tok, prompt, g["num_beams"], g["max_gen_toks"], dec_limit, g["length_penalty"],
+                            tuple(g["until"]), passage)
+            keep = dec_limit - g["max_gen_toks"] - 1 - len(passage)
+            raw[j], why[j], cut[j] = r.text, r.stopped_by, max(0, len(prompt) - max(keep, 1))
+            if progress is not None:
+                progress.update(1)
+    preds = [x.strip() for x in raw]
+    targets = [task.answer(it) for it in items]
+    metrics, per_item = gen_metrics.compute(task.metrics, preds, targets)
+    return GenScores(raw, preds, targets, metrics, per_item, sum(1 for c in cut if c), sum(cut), why)
+
+
 def limits(cfg, max_encoder_length: int | None = None) -> tuple[int, int]:
     dec = cfg.model.max_seq_length
     return dec, min(max_encoder_length or dec, dec)
 
 
+def template_list(task: Task, templates) -> list[str]:
+    """None: the task's first template; "all": every one; else the ids (or indices) asked for that it has."""
+    if not templates:
+        return task.template_ids()[:1]
+    if templates == "all" or templates == ["all"]:
+        return task.template_ids()
+    return [task.using(t).template_id for t in templates]
+
+
 def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequence[int], placements: Sequence[str],
              seeds: int, split: str = "test", limit: int | None = None, batch_size: int = 16,
              max_encoder_length: int | None = None, log=print, meta: dict | None = None,
-             samples: list | None = None) -> list[dict]:
-    """One record per task x placement x shots x seed. `samples`: a list that receives one record per item of each
-    setting (lm-evaluation-harness' `--log_samples`): its choices, their log-likelihoods, what each metric chose."""
+             samples: list | None = None, templates=None, generation: dict | None = None,
+             tasks_dirs: Sequence[str] = ()) -> list[dict]:
+    """One record per task x template x placement x shots x seed. Multiple-choice tasks are scored by
+    log-likelihood, generative ones by generation (`generation`: until / max_gen_toks / num_beams /
+    length_penalty over the task's generation_kwargs). `templates`: None (each task's first), "all", or ids.
+    `samples`: a list that receives one record per item of each setting (lm-evaluation-harness' `--log_samples`)."""
     from tqdm import tqdm
 
     dec_limit, enc_limit = limits(cfg, max_encoder_length)
     records = []
     for name in tasks:
-        task = get_task(name, scored=True)
-        items = load_split(data_dir, name, split)[:limit]
-        pool = load_split(data_dir, name, "train") if max(shots) > 0 else []
-        for placement in placements:
-            for k in shots:
-                for seed in (range(seeds) if k > 0 else [0]):
-                    t0 = time.perf_counter()
-                    n_seq = sum(len(task.choices(it)) for it in items)
-                    with tqdm(total=n_seq, desc=f"{name} {placement} {k}-shot seed {seed}", leave=False,
-                              disable=not sys.stderr.isatty()) as bar:
-                        sc = score_items(model, tok, task, items, pool, placement, k, seed, dec_limit, enc_limit,
-                                         batch_size, progress=bar)
-                    m = sc.metrics()
-                    rec = {**(meta or {}), "task": name, "split": split, "placement": placement, "shots": k,
-                           "seed": seed, "n": len(items),
-                           "metrics": {x: m[x] for x in ("acc", "acc_norm", "acc_mutual_info")},
-                           "chance": m["chance"], "majority": m["majority"],
-                           "truncated_sequences": sc.truncated_sequences, "truncated_tokens": sc.truncated_tokens,
-                           "seconds": round(time.perf_counter() - t0, 2)}
-                    records.append(rec)
-                    if samples is not None:
-                        samples.extend(item_records(sc, task, items, {"task": name, "split": split,
-                                                                      "placement": placement, "shots": k,
-                                                                      "seed": seed}))
-                    log(f"{name:22s} {placement:8s} {k}-shot seed {seed}: acc {m['acc']:.3f} acc_norm "
-                        f"{m['acc_norm']:.3f} acc_mi {m['acc_mutual_info']:.3f} (n={len(items)}, chance "
-                        f"{m['chance']:.2f}, majority {m['majority']:.2f}, truncated {sc.truncated_sequences}) "
-                        f"{rec['seconds']:.1f}s")
+        base = get_task(name, tasks_dirs=tasks_dirs)
+        items = load_split(data_dir, base, split)[:limit]
+        pool = load_split(data_dir, base, base.fewshot_split) if max(shots) > 0 else []
+        for tid in template_list(base, templates):
+            task = base.using(tid)
+            for placement in placements:
+                for k in shots:
+                    for seed in (range(seeds) if k > 0 else [0]):
+                        t0 = time.perf_counter()
+                        n_seq = len(items) if task.generative else sum(len(task.choices(it)) for it in items)
+                        setting = {"task": task.name, "template": task.template_id, "split": split,
+                                   "placement": placement, "shots": k, "seed": seed}
+                        with tqdm(total=n_seq, desc=f"{task.name} [{tid}] {placement} {k}-shot seed {seed}",
+                                  leave=False, disable=not sys.stderr.isatty()) as bar:
+                            if task.generative:
+                                gs = generate_items(model, tok, task, items, pool, placement, k, seed, dec_limit,
+                                                    generation, batch_size, progress=bar)
+                            else:
+                                sc = score_items(model, tok, task, items, pool, placement, k, seed, dec_limit,
+                                                 enc_limit, batch_size, progress=bar)
+                        rec = {**(meta or {}), **setting, "n": len(items),
+                               "output_type": "generate_until" if task.generative else "multiple_choice"}
+                        if task.generative:
+                            rec.update(metrics=gs.metrics, truncated_sequences=gs.truncated_sequences,
+                                       truncated_tokens=gs.truncated_tokens,
+                                       generation=generation_settings(task, generation))
+                            shown = " ".join(f"{m} {v:.3f}" for m, v in gs.metrics.items())
+                            extra = f"truncated {gs.truncated_sequences}"
+                        else:
+                            m = sc.metrics()
+                            rec.update(metrics={x: m[x] for x in ("acc", "acc_norm", "acc_mutual_info")},
+                                       chance=m["chance"], majority=m["majority"],
+                                       truncated_sequences=sc.truncated_sequences,
+                                       truncated_tokens=sc.truncated_tokens)
+                            shown = (f"acc {m['acc']:.3f} acc_norm {m['acc_norm']:.3f} acc_mi "
+                                     f"{m['acc_mutual_info']:.3f}")
+                            extra = (f"chance {m['chance']:.2f}, majority {m['majority']:.2f}, truncated "
+                                     f"{sc.truncated_sequences}")
+                        rec["seconds"] = round(time.perf_counter() - t0, 2)
+                        records.append(rec)
+                        if samples is not None:
+                            samples.extend(gen_item_records(gs, items, setting) if task.generative else
+                                           item_records(sc, task, items, setting))
+                        log(f"{task.name:22s} [{tid}] {placement:8s} {k}-shot seed {seed}: {shown} "
+                            f"(n={len(items)}, {extra}) {rec['seconds']:.1f}s")
     return records
+
+
+def template_summary(records: list[dict]) -> list[dict]:
+    """The paper's reading of several templates: per (model, task, placement, shots), each template's mean over
+    seeds, then their average and the best template (with its id)."""
+    from collections import defaultdict
+
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        groups[(r.get("model", ""), r["task"], r["placement"], r["shots"])][r.get("template", "")].append(r)
+    out = []
+    for (model, task, placement, shots), by_t in groups.items():
+        metrics = list(next(iter(by_t.values()))[0]["metrics"])
+        row = {"model": model, "task": task, "placement": placement, "shots": shots, "templates": len(by_t),
+               "average": {}, "best": {}, "best_template": {}}
+        for m in metrics:
+            means = {t: float(np.mean([r["metrics"][m] for r in rs])) for t, rs in by_t.items()}
+            best = max(means, key=lambda t: means[t])
+            row["average"][m], row["best"][m], row["best_template"][m] = float(np.mean(list(means.values()))), \
+                means[best], best
+        out.append(row)
+    return out
+
+
+def gen_item_records(gs: GenScores, items: list[dict], setting: dict) -> list[dict]:
+    return [{**setting, "item": i, "id": it.get("id", i), "target": t, "generation": raw, "prediction": p,
+             "stopped_by": why, "scores": {m: v[i] for m, v in gs.per_item.items()}}
+            for i, (it, raw, p, t, why) in enumerate(zip(items, gs.raw, gs.predictions, gs.targets, gs.stopped_by))]
 
 
 def item_records(sc: TaskScores, task: Task, items: list[dict], setting: dict) -> list[dict]:
@@ -197,21 +342,37 @@ def write_samples(samples: list[dict], out_dir: str, name: str) -> str:
     return path
 
 
+def _metric_cells(metrics: dict) -> str:
+    return ", ".join(f"{m} {v:.3f}" for m, v in metrics.items())
+
+
 def markdown(records: list[dict]) -> str:
-    lines = ["| model | step | task | placement | shots | seed | n | acc | acc_norm | acc_mutual_info | majority "
-             "| truncated |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | step | task | template | placement | shots | seed | n | metrics | majority | truncated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r.get('model', '')} | {r.get('step', '')} | {r['task']} | {r['placement']} | {r['shots']} "
-                     f"| {r['seed']} | {r['n']} | {r['metrics']['acc']:.3f} | {r['metrics']['acc_norm']:.3f} "
-                     f"| {r['metrics'].get('acc_mutual_info', float('nan')):.3f} "
-                     f"| {r['majority']:.3f} | {r['truncated_sequences']} |")
+        lines.append(f"| {r.get('model', '')} | {r.get('step', '')} | {r['task']} | {r.get('template', '')} "
+                     f"| {r['placement']} | {r['shots']} | {r['seed']} | {r['n']} | {_metric_cells(r['metrics'])} "
+                     f"| {r['majority']:.3f} | {r['truncated_sequences']} |" if "majority" in r else
+                     f"| {r.get('model', '')} | {r.get('step', '')} | {r['task']} | {r.get('template', '')} "
+                     f"| {r['placement']} | {r['shots']} | {r['seed']} | {r['n']} | {_metric_cells(r['metrics'])} "
+                     f"| | {r['truncated_sequences']} |")
+    summary = [row for row in template_summary(records) if row["templates"] > 1]
+    if summary:
+        lines += ["", "Over templates (each template's mean over seeds): their average, and the best template",
+                  "", "| model | task | placement | shots | templates | average | best (template) |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in summary:
+            best = ", ".join(f"{m} {v:.3f} ({row['best_template'][m]})" for m, v in row["best"].items())
+            lines.append(f"| {row['model']} | {row['task']} | {row['placement']} | {row['shots']} "
+                         f"| {row['templates']} | {_metric_cells(row['average'])} | {best} |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(records: list[dict], out_dir: str, name: str) -> tuple[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = (os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md"))
-    for path, text in zip(paths, (json.dumps({"records": records}, indent=1), markdown(records))):
+    body = {"records": records, "templates": template_summary(records)}
+    for path, text in zip(paths, (json.dumps(body, indent=1), markdown(records))):
         with open(path + ".tmp", "w") as f:
             f.write(text)
         os.replace(path + ".tmp", path)
@@ -236,7 +397,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="consolidated directory, or run / checkpoint directory")
     p.add_argument("--data", default="work/tasks", help="task data directory (python -m data_tools.tasks fetch)")
-    p.add_argument("--tasks", required=True, help="comma-separated task names (python -m data_tools.tasks list)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (python -m data_tools.tasks list) or "
+                   "task file paths (data_tools/task_files.py)")
+    p.add_argument("--tasks-dir", action="append", default=[], help="a directory of NAME.yaml task files "
+                   "(repeatable; also $METALM_TASKS)")
+    p.add_argument("--templates", default="", help="template ids or indices, comma-separated, or all (default: "
+                   "each task's first); several give their average and the best in the report")
+    p.add_argument("--num-beams", type=int, help="generative tasks: beam search with this many beams (default: "
+                   "the task's, else 1 = greedy)")
+    p.add_argument("--length-penalty", type=float, help="beam search: score / length ** this (default 0.6)")
+    p.add_argument("--max-gen-toks", type=int, help="generative tasks: new-token limit (default: the task's, "
+                   "else 32)")
+    p.add_argument("--until", action="append", help="generative tasks: a stop string (repeatable; default: the "
+                   "task's, else a blank line)")
     p.add_argument("--shots", type=int_list, default=[0], help="comma-separated, e.g. 0,1,4")
     p.add_argument("--placement", default="causal", help="causal, encoder, or both comma-separated")
     p.add_argument("--seeds", type=int, default=1, help="demonstration samples per few-shot setting")
@@ -266,14 +439,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--shots: must be >= 0")
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         for t in tasks:
-            get_task(t, scored=True)
+            get_task(t, tasks_dirs=args.tasks_dir)
+        templates = "all" if args.templates == "all" else [t for t in args.templates.split(",") if t] or None
+        if args.num_beams is not None and args.num_beams < 1:
+            raise ValueError("--num-beams: must be >= 1")
+        generation = {"num_beams": args.num_beams, "length_penalty": args.length_penalty,
+                      "max_gen_toks": args.max_gen_toks, "until": args.until}
         model, cfg, tok, info = load_model(args.model)
         name = args.name or model_name(args.model)
         meta = {"model": name, "model_path": os.path.abspath(args.model), "step": info.get("step"),
                 "encoder": cfg.model.encoder is not None}
         samples = [] if args.log_samples else None
         records = evaluate(model, cfg, tok, args.data, tasks, args.shots, placements, args.seeds, args.split,
-                           args.limit, args.batch_size, args.max_encoder_length, meta=meta, samples=samples)
+                           args.limit, args.batch_size, args.max_encoder_length, meta=meta, samples=samples,
+                           templates=templates, generation=generation, tasks_dirs=args.tasks_dir)
     except (UserError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -224,7 +224,7 @@ def test_bbh_from_the_shared_copy_listed_fetched_deterministically(tmp_path):
 @needs_bbh
 def test_eval_score_on_bbh(trained, tmp_path):
     """The multiple-choice BBH tasks score like any task (letters and a fixed answer set); a generative one is
-    refused by name."""
+    scored by generation (exact match), zero-shot through the encoder too."""
     data = tmp_path / "tasks"
     base = [sys.executable, "-m", "eval.score", "--model", str(trained[1]), "--data", str(data)]
     e = dict(clean_env(), METALM_BBH=str(BBH))
@@ -241,5 +241,14 @@ def test_eval_score_on_bbh(trained, tmp_path):
     chance = {r["task"]: r["chance"] for r in recs}
     assert chance["bbh:navigate"] == pytest.approx(0.5) and chance["bbh:date_understanding"] < 0.5
     assert all(r["n"] == 8 and 0 <= r["metrics"]["acc"] <= 1 for r in recs)
-    r = subprocess.run(base + ["--tasks", "bbh:word_sorting"], capture_output=True, text=True, env=e, cwd=ROOT)
-    assert r.returncode == 2 and "'bbh:word_sorting' is generative" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(base + ["--tasks", "bbh:word_sorting", "--limit", "4", "--placement", "causal,encoder",
+                               "--max-gen-toks", "6", "--out", str(tmp_path / "gen")],
+                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = json.load(open(tmp_path / "gen" / "metalm.json"))["records"]
+    assert [(r["placement"], r["output_type"]) for r in recs] == [("causal", "generate_until"),
+                                                                  ("encoder", "generate_until")]
+    assert all(set(r["metrics"]) == {"exact_match"} and r["generation"]["max_gen_toks"] == 6 for r in recs)
+    r = subprocess.run(base + ["--tasks", "bbh:word_sorting", "--shots", "1", "--placement", "encoder"],
+                       capture_output=True, text=True, env=e, cwd=ROOT)
+    assert r.returncode == 2 and "zero-shot" in r.stderr and "Traceback" not in r.stderr

@@ -99,26 +99,27 @@ class FinetuneMode(Mode):
     def check(self, cfg, pipeline: bool) -> None:
         """Tasks known and fetched, mode and placement fit the model."""
         from data_tools.cli import UserError
-        from data_tools.tasks import get_task, task_dir
+        from data_tools.tasks import get_task, task_available
 
         f = cfg.finetune
         if pipeline:
             raise ConfigError("finetune.tasks: finetuning is not available under pipeline parallelism "
                               "(parallel.pp=1)")
         try:
-            for t in f.tasks:
-                get_task(t, scored=True)
+            tasks = [get_task(t) for t in f.tasks]
             resolved(cfg)
         except (UserError, ValueError) as e:
             raise ConfigError(f"finetune: {e}") from None
-        for t in f.tasks:
-            train = os.path.join(task_dir(f.data_dir, t), "train.jsonl")
-            if not os.path.isfile(train):
-                raise ConfigError(f"finetune.data_dir: {train} not found (run "
-                                  f"`python -m data_tools.tasks fetch --name {t} --out {f.data_dir}`)")
+        for task in tasks:
+            why = task_available(f.data_dir, task)
+            if why is not None:
+                raise ConfigError(f"finetune.tasks: {why}")
 
     def absolute_paths(self, cfg) -> None:
+        from data_tools.task_files import is_task_file
+
         cfg.finetune.data_dir = os.path.abspath(cfg.finetune.data_dir)
+        cfg.finetune.tasks = [os.path.abspath(t) if is_task_file(t) else t for t in cfg.finetune.tasks]
 
     def build_data(self, cfg, tokenizer, dp: int):
         """Task rows; validation is accuracy (the finetune_best callback), not perplexity."""
