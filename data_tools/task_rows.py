@@ -18,13 +18,19 @@ import numpy as np
 from data_tools.datasets import blend_order
 
 
-def example_sequences(task, items: list[dict], tok, placement: str, T: int, enc_limit: int) -> list:
-    """The correct-answer sequence of every item (demonstration-free), cut to fit one row."""
+def example_sequences(task, items: list[dict], tok, placement: str, T: int, enc_limit: int,
+                      templates: str = "first") -> list:
+    """The correct-answer sequence of every item (demonstration-free), cut to fit one row. `templates`: `first`
+    (every item in the task's first template) or `all` (item i in template i mod n: instruction tuning's mixture
+    of formats)."""
     from data_tools.task_samples import build_sequences
 
+    if templates not in ("first", "all"):
+        raise ValueError(f"finetune.templates must be first or all, got {templates!r}")
+    n = len(task.templates) if templates == "all" else 1
     out = []
-    for it in items:
-        seqs = build_sequences(task, it, [], placement, tok, T, enc_limit)
+    for i, it in enumerate(items):
+        seqs = build_sequences(task.using(i % n), it, [], placement, tok, T, enc_limit)
         out.append(seqs[it.get("label", 0)])  # a generative item's one "choice" is its target
     return out
 
@@ -129,20 +135,38 @@ class TaskRows:
         return out
 
 
+def check_held_out(tasks, held_out) -> None:
+    """Instruction tuning's rule: no task of a held-out cluster is tuned on (it is scored zero-shot after)."""
+    bad = [t.name for t in tasks if t.cluster in set(held_out)]
+    if bad:
+        raise ValueError(f"finetune.held_out: {', '.join(bad)} belong(s) to a held-out cluster "
+                         f"({', '.join(sorted({t.cluster for t in tasks if t.name in bad}))}); tune on the others")
+
+
+def tuning_tasks(candidates, held_out) -> tuple[list[str], list[str]]:
+    """(tasks to tune on, tasks to score): the candidates outside the held-out clusters, and those inside."""
+    from data_tools.tasks import get_task
+
+    tune = [t for t in candidates if get_task(t).cluster not in set(held_out)]
+    return tune, [t for t in candidates if t not in tune]
+
+
 def build_task_rows(task_names, data_dir: str, tok, T: int, num_rows: int, placement: str, seed: int,
-                    max_items: int = 0, weights=None, pack: bool = True, aligner=None) -> TaskRows:
+                    max_items: int = 0, weights=None, pack: bool = True, aligner=None, templates: str = "first",
+                    held_out=()) -> TaskRows:
     """Rows of `num_rows` x `T` tokens from the train splits of the named tasks (built-in ones fetched under
     `data_dir`, task files read from their own data files); `weights` default to the tasks' sizes."""
     from data_tools.tasks import get_task, load_split
 
     tasks = [get_task(t) for t in task_names]  # generative tasks too: their target is the answer
+    check_held_out(tasks, held_out)
     enc_limit = T  # an example (its encoder piece docked into decoder slots) fits one row, cut from the left
     seqs = []
     for task in tasks:
         items = load_split(data_dir, task, "train")
         if max_items:
             items = items[:max_items]
-        seqs.append(example_sequences(task, items, tok, placement, T, enc_limit))
+        seqs.append(example_sequences(task, items, tok, placement, T, enc_limit, templates))
     weights = [float(w) for w in weights] if weights else [float(len(s)) for s in seqs]
     if len(weights) != len(tasks) or min(weights) <= 0:
         raise ValueError(f"finetune.weights: one positive weight per task expected, got {list(weights)}")

@@ -429,6 +429,8 @@ class FinetuneConfig:
     placement: str = "auto"  # auto (encoder for a MetaLM, causal for a GPT) | encoder | causal
     pack: bool = True  # several examples per row (document mask), T5-style
     max_items: int = 0  # the first N train items of each task (0: all)
+    templates: str = "first"  # first | all (item i of a task rendered with template i mod n: FLAN's mixture)
+    held_out: list = field(default_factory=list)  # clusters held out of tuning: a task of one is refused
     eval_items: int = 0  # validation items scored per task at each evaluation (0: all)
     eval_shots: int = 0  # demonstrations when scoring validation accuracy
     model_from_init: bool = True  # take model (and tokenizer) settings from checkpoint.init_from

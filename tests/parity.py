@@ -46,7 +46,14 @@ def tree(*dirs) -> tuple[str, ...]:
 
 
 def machine() -> dict:
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    """What bit-for-bit numbers depend on: torch, its CPU kernels' level, and the CPU's feature flags (two hosts
+    that both report AVX512 can still differ in the last bits of a gradient norm: seen on 2026-12-07)."""
+    flags = ""
+    if os.path.isfile("/proc/cpuinfo"):
+        flags = next((l.split(":", 1)[1] for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "cpu_flags": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12],
+            "threads": torch.get_num_threads()}
 
 
 def weights_digest(run_dir) -> str:

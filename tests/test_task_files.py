@@ -287,3 +287,33 @@ def test_squad_normalisation_of_exact_match_and_f1():
     # "dog ran" vs "dog sat down": 1 common token, precision 1/2, recall 1/3 -> F1 0.4
     assert per["f1"] == pytest.approx([1.0, 1.0, 0.4])
     assert m["f1"] == pytest.approx(0.8)
+
+
+def test_held_out_cluster_never_reaches_the_tuning_rows(tmp_path, tok):
+    from data_tools.task_rows import build_task_rows, tuning_tasks
+
+    held = write_mc_task(str(tmp_path / "held"))  # cluster "reviews"
+    topics = str(tmp_path / "topics.yaml")
+    with open(tmp_path / "topics.jsonl", "w") as f:
+        for i, (text, lab) in enumerate([("the match ended in a draw", "sport"), ("rates rose again", "money")] * 8):
+            f.write(json.dumps({"text": f"{text} {i}", "topic": lab}) + "\n")
+    with open(topics, "w") as f:
+        f.write("task: topics\ndataset: {data_files: topics.jsonl, split_fractions: [0.75, 0.25, 0.0]}\n"
+                "doc_to_choice: [sport, money]\ndoc_to_target: topic\nmetadata: {cluster: news}\ntemplates:\n"
+                "  - {id: a, doc_to_text: '{{text}}', cue: 'Topic:'}\n"
+                "  - {id: b, doc_to_text: 'Headline: {{text}}', cue: 'This is about'}\n"
+                "  - {id: c, doc_to_text: '{{text}} OPTIONS: </s> sport </s> money </s>', cue: 'Label:'}\n")
+    tune, scored = tuning_tasks([held, topics], ["reviews"])
+    assert tune == [topics] and scored == [held]
+    with pytest.raises(ValueError, match="held_out: user_reviews belong"):
+        build_task_rows([held, topics], "", tok, 64, 8, "causal", 0, held_out=["reviews"])
+    rows = build_task_rows(tune, "", tok, 64, 16, "causal", 0, held_out=["reviews"], templates="all")
+    text = " ".join(tok.decode([int(x) for x in rows[r]["tokens"] if x != tok.ids.pad]) for r in range(len(rows)))
+    assert "Headline:" in text and "This is about" in text and "OPTIONS:" in text  # every tuning template
+    held_task = get_task(held)
+    for split in ("train", "validation", "test"):
+        for it in load_split("", held_task, split):
+            assert it["review"] not in text  # no held-out item
+    for t in held_task.templates:
+        assert t.cue not in text  # no held-out template (its cue, its own words)
+    assert "Review:" not in text and "The meal was" not in text

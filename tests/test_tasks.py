@@ -158,3 +158,18 @@ def test_bigbench_task_from_the_sdist(tmp_path):
     assert item["premise"] and item["hypothesis"] and item["choices"] == ["entailment", "neutral", "contradiction"]
     again = fetch("presuppositions_as_nli", str(tmp_path / "b"), log=lambda *a: None)
     assert digest(out) == digest(again)
+
+
+def test_truncation_keeps_bos_and_cuts_after_it(tok):
+    """Documented difference from lm-eval (eval/score.py): an over-long causal input keeps `<s>` and loses its
+    oldest context tokens; lm-eval keeps the last max_length + 1 tokens (no `<s>`, one more context token)."""
+    from data_tools.task_samples import causal_context
+
+    task = get_task("polarity")
+    item = {"id": "q", "text": "word " * 400, "label": 1}
+    for c, s in enumerate(build_sequences(task, item, [], "causal", tok, dec_limit=100, enc_limit=100)):
+        ctx, target = split_pair(tok, causal_context(task, item, []), " " + task.choices(item)[c])
+        assert s.length() == 101 and s.target == target  # <s> + context + target: 100 decoder inputs
+        assert s.pieces == [("dec", ctx[-(100 - len(target)):])] and s.truncated == len(ctx) - (100 - len(target))
+        lm_eval = (ctx + target)[-(100 + 1):]  # lm-eval's rule, for the same limit
+        assert lm_eval[1:] == s.pieces[0][1] + target and lm_eval[0] != tok.ids.bos

@@ -16,6 +16,9 @@ finetuning types (which parameters train), validation accuracy and the best chec
   mean accuracy over tasks picks the best checkpoint: saved then and linked as `RUN/checkpoints/best`
   (`best.json` holds its step and scores; pruning never deletes it). That callback (`finetune_best`) lives in
   eval/callbacks.py, above the trainer; this mode requires it.
+- **Instruction tuning**: `finetune.templates=all` renders item i of a task in its template i mod n (a mixture of
+  formats), `finetune.held_out=[CLUSTER, ...]` refuses any task of those clusters (task metadata `cluster`), which
+  are then scored zero-shot (`data_tools.task_rows.tuning_tasks` splits a candidate list).
 - **From init_from** (`finetune.model_from_init`): the model settings (and, when the config names none, the
   tokenizer) are the source's, so `checkpoint.init_from=DIR` is all a finetuning config needs.
 """
@@ -108,6 +111,11 @@ class FinetuneMode(Mode):
         try:
             tasks = [get_task(t) for t in f.tasks]
             resolved(cfg)
+            from data_tools.task_rows import check_held_out
+
+            check_held_out(tasks, f.held_out)
+            if f.templates not in ("first", "all"):
+                raise ValueError(f"finetune.templates must be first or all, got {f.templates!r}")
         except (UserError, ValueError) as e:
             raise ConfigError(f"finetune: {e}") from None
         for task in tasks:
@@ -129,7 +137,7 @@ class FinetuneMode(Mode):
         f = cfg.finetune
         rows = build_task_rows(f.tasks, f.data_dir, tokenizer, cfg.data.seq_length, train_rows(cfg, dp),
                                resolved(cfg)[1], cfg.seed, f.max_items, f.weights, f.pack,
-                               encoder_aligner(cfg, tokenizer))
+                               encoder_aligner(cfg, tokenizer), f.templates, f.held_out)
         return rows, {}
 
     def prepare_model(self, cfg, model, train_ds, tokenizer) -> str:
