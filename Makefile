@@ -7,6 +7,10 @@
 #                  (causal and encoder placement), KV-cached generation, VL captioning (CIDEr-D) and VQA-style
 #                  classification, a report, a summary. MODELS=tiny-cpu: one.
 #   make test   -- set up and run the test suite
+#   make instruct -- instruction tuning with held-out clusters (FLAN's protocol): for each of two held-out clusters,
+#                  MetaLM (encoder + connector tuned, decoder frozen) and GPT (all tuned) on the other clusters'
+#                  tasks in all their templates, 3 seeds, then the held-out cluster zero-shot over its own templates
+#                  (average and best) against the untuned models (eval/experiments/instruct.py)
 #   make vl      -- the tiny vision-language MetaLM over 3 seeds: pretraining on images + text, captioning CIDEr-D,
 #                  VQA-style classification zero/few-shot, finetuned classification (eval/experiments/vl_tiny.py)
 #   make compare -- semi-causal vs causal, and MetaLM with a pretrained encoder (all-MiniLM-L6-v2 from its registry
@@ -27,7 +31,7 @@ VL_STEPS ?= 2000
 # unset and those tasks are skipped with the reason
 export METALM_BBH ?= $(abspath $(wildcard ../shared/data/bbh))
 
-.PHONY: setup demo test bench compare vl clean
+.PHONY: setup demo test bench compare instruct vl clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -65,6 +69,9 @@ test: setup
 
 compare: setup
 	$(BIN)/python -m eval.experiments.sclm_vs_causal --work work/compare
+
+instruct: setup
+	$(BIN)/python -m eval.experiments.instruct --work work/instruct
 
 vl: setup
 	$(BIN)/python -m eval.experiments.vl_tiny --work work/vl

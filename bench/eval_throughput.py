@@ -3,7 +3,12 @@
    Hugging Face export) on the same local task items, 0-shot, end to end and its model call alone (the baseline
    of the ratio); the per-choice log-likelihoods are checked equal;
 2. generation: new tokens/s with and without the KV cache (and transformers' `generate` on the export), greedy,
-   `--new-tokens` (256) after a short prompt.
+   `--new-tokens` (256) after a short prompt;
+3. generation-based scoring: items/s of our generative scorer (`eval.score` on a `generate_until` task: greedy,
+   batched with the KV cache) vs lm-evaluation-harness' `generate_until` (`hf` backend on the export, the task
+   exported from our task file by `eval.lm_eval_bridge.export_task`) on the same items, prompts and stop strings;
+   the predictions are checked equal. The task: the same items answered by generation (target the answer word,
+   stop at a new line, `--gen-toks` new tokens at most), written as a task file.
 
     python -m bench.eval_throughput [--model exported/metalm] [--task polarity] [--items 100] [--new-tokens 256]
 
@@ -54,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gen-batch", type=int, default=1)
+    p.add_argument("--gen-toks", type=int, default=8, help="generation-based scoring: new tokens per item")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -112,6 +118,36 @@ def main(argv=None) -> int:
         lm.loglikelihood(reqs)
         t_core = time.perf_counter() - t0
         rows.append(("scoring", "lm-evaluation-harness (hf), loglikelihood() only", len(items) / t_core, "items/s"))
+        # ---- generation-based scoring: ours vs lm-eval generate_until, the same task file
+        from eval.lm_eval_bridge import export_task
+        from eval.score import generate_items
+
+        gdir = os.path.join(tmp, "gen")
+        os.makedirs(gdir)
+        with open(os.path.join(gdir, "items.jsonl"), "w") as f:
+            for it in items:
+                f.write(json.dumps({"id": it["id"], "text": it["text"], "answer": task.answer(it)}) + "\n")
+        with open(os.path.join(gdir, "gen.yaml"), "w") as f:
+            f.write(f"task: bench_gen\ndataset: {{data_files: {{train: items.jsonl, test: items.jsonl}}}}\n"
+                    f"output_type: generate_until\ndoc_to_text: '{{{{text}}}} {task.cue}'\ndoc_to_target: answer\n"
+                    f"generation_kwargs: {{until: ['\\n'], max_gen_toks: {args.gen_toks}}}\n")
+        gtask = get_task(os.path.join(gdir, "gen.yaml"))
+        gitems = load_split("", gtask, "test")
+        generate_items(model, tok, gtask, gitems[:4], [], "causal", 0, 0, L, batch_size=args.batch_size)  # warm-up
+        t0 = time.perf_counter()
+        g_ours = generate_items(model, tok, gtask, gitems, [], "causal", 0, 0, L, batch_size=args.batch_size)
+        t_gen = time.perf_counter() - t0
+        names = export_task(os.path.join(gdir, "gen.yaml"), "", os.path.join(tmp, "gen_tasks"))
+        t0 = time.perf_counter()
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, log_samples=True,
+                                      task_manager=TaskManager(include_path=os.path.join(tmp, "gen_tasks")))
+        t_lm_gen = time.perf_counter() - t0
+        g_theirs = [s["filtered_resps"][0] for s in sorted(res["samples"][names[0]], key=lambda s: s["doc_id"])]
+        gen_same = g_theirs == g_ours.predictions
+        rows.append(("generative scoring", f"ours (eval.score generate_until, greedy, batch {args.batch_size})",
+                     len(gitems) / t_gen, "items/s"))
+        rows.append(("generative scoring", "lm-evaluation-harness (hf) generate_until, simple_evaluate",
+                     len(gitems) / t_lm_gen, "items/s"))
         # ---- generation
         text = "Call me Ishmael. Some years ago, never mind how long precisely, having little money"
         prompts = [tok.encode(text)] * args.gen_batch
@@ -142,11 +178,12 @@ def main(argv=None) -> int:
           f"{args.split}: {len(items)} items / {n_req} requests; generation: batch {args.gen_batch}, "
           f"{args.new_tokens} new tokens; {torch.get_num_threads()} threads\n")
     print(f"| what | row | speed | unit | vs baseline |\n|---|---|---|---|---|")
-    base = {"scoring": rows[2][2], "generation": rows[4][2]}
+    base = {"scoring": rows[2][2], "generative scoring": rows[4][2], "generation": rows[6][2]}
     for what, name, speed, unit in rows:
         print(f"| {what} | {name} | {speed:,.1f} | {unit} | {speed / base[what]:.2f}x |")
     print(f"\nmax |ours - lm-eval| per-choice log-likelihood: {diff:.2e}; cached == uncached tokens: {same}; "
-          f"== transformers: {hf_same}")
+          f"== transformers: {hf_same}; generative predictions == lm-eval's: {gen_same} ({len(gitems)} items, "
+          f"{args.gen_toks} new tokens at most)")
     return 0
 
 

@@ -158,7 +158,7 @@ def build_task_rows(task_names, data_dir: str, tok, T: int, num_rows: int, place
     `data_dir`, task files read from their own data files); `weights` default to the tasks' sizes."""
     from data_tools.tasks import get_task, load_split
 
-    tasks = [get_task(t) for t in task_names]  # generative tasks too: their target is the answer
+    tasks = [get_task(t, data_dir=data_dir) for t in task_names]  # generative tasks too: the target is the answer
     check_held_out(tasks, held_out)
     enc_limit = T  # an example (its encoder piece docked into decoder slots) fits one row, cut from the left
     seqs = []

@@ -5,6 +5,7 @@
         --out work/tasks [--bigbench DIR] [--bbh DIR]
     python -m data_tools.tasks show --data work/tasks --name spam --split train -n 3 [--template options]
     python -m data_tools.tasks check --name path/to/my_task.yaml      (a task file: fields, data, counts)
+    python -m data_tools.tasks survey --bbh DIR [--bigbench DIR]       (what of BBH / BIG-bench can be used, and why not)
 
 Sources (registry packages, see shared/design/DATA_SOURCES.md, and BIG-bench / BIG-Bench Hard from where the user
 has them, `data_tools.bigbench`):
@@ -96,19 +97,49 @@ def _builtin() -> dict[str, Task]:
 
 
 TASKS: dict[str, Task] = _builtin()
+# any other BIG-bench JSON task, as `bigbench:TASK`: BIG-bench's own prompt shape (`Q: <input>` / `A:`); its kind
+# (multiple choice or generative) and keywords come from the task file when it is fetched (meta.json)
+BIGBENCH_MC_TEMPLATES = (Template("qa", "Q: {{text}}", "A:"), Template("answer", "{{text}}", "Answer:"),
+                         Template("options", "{{text}} OPTIONS: </s> {{choices | join(' </s> ')}} </s>", "TARGET:"))
+BIGBENCH_GEN_TEMPLATES = (Template("qa", "Q: {{text}}", "A:"), Template("answer", "{{text}}", "Answer:"),
+                          Template("question", "Question: {{text}} </s>", "The answer is"))
+
+
+def bigbench_task(name: str, kind: str = "multiple_choice", keywords: Sequence[str] = ()) -> Task:
+    generative = kind == "generative"
+    return Task(f"bigbench:{name}", f"bigbench:{name}", BIGBENCH_GEN_TEMPLATES if generative else
+                BIGBENCH_MC_TEMPLATES, metrics=("exact_match", "rougeL", "bleu") if generative else ("acc", "acc_norm"),
+                generative=generative, description=f"BIG-bench {name} ({kind})",
+                metadata={"keywords": list(keywords), "cluster": f"bigbench:{keywords[0]}" if keywords else
+                          f"bigbench:{name}"})
+
+
+def with_fetched_kind(task: Task, data_dir: str | None) -> Task:
+    """A `bigbench:TASK` outside the registry as its fetched task file says (kind, keywords); others unchanged."""
+    if not data_dir or task.name in TASKS or not task.source.startswith("bigbench:"):
+        return task
+    meta = os.path.join(task_dir(data_dir, task.name), "meta.json")
+    if not os.path.isfile(meta):
+        return task
+    m = json.load(open(meta))
+    return bigbench_task(task.name.split(":", 1)[1], m.get("kind", "multiple_choice"), m.get("keywords", []))
 
 
 def task_dirs(extra: Sequence[str] = ()) -> list[str]:
     return [d for d in list(extra) + os.environ.get(TASKS_DIR_ENV, "").split(os.pathsep) if d]
 
 
-def get_task(name: str, scored: bool = False, tasks_dirs: Sequence[str] = ()) -> Task:
-    """A task by name (the shipped ones, then NAME.yaml / .yml / .json in `tasks_dirs` and $METALM_TASKS) or by the
-    path of its task file. `scored`: it must have choices (log-likelihood scoring needs them)."""
+def get_task(name: str, scored: bool = False, tasks_dirs: Sequence[str] = (), data_dir: str | None = None) -> Task:
+    """A task by name (the shipped ones, `bigbench:TASK` for any BIG-bench JSON task, then NAME.yaml / .yml / .json
+    in `tasks_dirs` and $METALM_TASKS) or by the path of its task file. `scored`: it must have choices
+    (log-likelihood scoring needs them). `data_dir`: where fetched tasks are (a BIG-bench task's kind is its
+    fetched file's)."""
     if isinstance(name, Task):
         task = name
     elif name in TASKS:
         task = TASKS[name]
+    elif name.startswith("bigbench:") and re.match(r"^bigbench:[A-Za-z0-9_]+$", name):
+        task = with_fetched_kind(bigbench_task(name.split(":", 1)[1]), data_dir)
     elif is_task_file(name):
         task = read_task_file(name)
     else:
@@ -124,7 +155,7 @@ def get_task(name: str, scored: bool = False, tasks_dirs: Sequence[str] = ()) ->
     if scored and task.generative:
         raise UserError(f"task {task.name!r} is generative (a free-text target, no choices): log-likelihood scoring "
                         f"needs a multiple-choice task")
-    if task.source != "files" and task.source not in FETCHERS:
+    if task.source != "files" and task.source not in FETCHERS and not task.source.startswith("bigbench:"):
         raise UserError(f"{task.path or task.name}: field 'dataset.source': unknown source {task.source!r} (known: "
                         f"{', '.join(sorted(FETCHERS))})")
     return task
@@ -145,6 +176,8 @@ class Fetched:
     archive_sha256: str
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> ids
+    kind: str | None = None  # a BIG-bench task's, from its file (multiple_choice | generative)
+    keywords: list[str] = field(default_factory=list)  # a BIG-bench task's keywords
 
     def skip(self, reason: str, item_id: str) -> None:
         self.skipped.setdefault(reason, []).append(item_id)
@@ -318,13 +351,43 @@ def parse_bigbench(task: str, data: dict, out: Fetched) -> None:
         out.items.append(item)
 
 
+def bigbench_kind(data: dict) -> str | None:
+    """multiple_choice (most examples have `target_scores`), generative (most have a `target`), or None."""
+    exs = [e for e in data.get("examples", []) if isinstance(e, dict)]
+    mc = sum(1 for e in exs if isinstance(e.get("target_scores"), dict) and e["target_scores"])
+    gen = sum(1 for e in exs if isinstance(e.get("target"), (str, list)) and not e.get("target_scores"))
+    return None if not (mc or gen) else "multiple_choice" if mc >= gen else "generative"
+
+
+def parse_bigbench_generative(task: str, data: dict, out: Fetched) -> None:
+    """Generative examples -> items: `target` (the first reference) and `targets` (all of them)."""
+    for n, ex in enumerate(data.get("examples", [])):
+        item_id = f"{task}/{n}"
+        target = ex.get("target") if isinstance(ex, dict) else None
+        refs = [target] if isinstance(target, str) else [t for t in target if isinstance(t, str)] \
+            if isinstance(target, list) else []
+        text = clean(ex.get("input") or "") if isinstance(ex, dict) and isinstance(ex.get("input"), str) else ""
+        if not refs or not refs[0].strip():
+            out.skip("no target string" if not ex.get("target_scores") else "multiple choice in a generative task",
+                     item_id)
+        elif not text:
+            out.skip("empty", item_id)
+        else:
+            out.items.append({"id": item_id, "text": text, "target": refs[0].strip(),
+                              "targets": [r.strip() for r in refs]})
+
+
 def fetch_bigbench(task: str, cache: str, where: Locations | None = None) -> Fetched:
     found = bigbench_task_file(task, cache, where, keep=SDIST_KEEP)
     data = read_task_json(found.path, "BIG-bench task")
     package = f"{BIGBENCH_SDIST} (benchmark_tasks/{task}/task.json)" if found.origin.endswith("sdist") else \
         f"BIG-bench benchmark_tasks/{task}/task.json ({found.origin})"
     out = Fetched([], package, "Apache 2.0 (BIG-bench)", packages.sha256(found.path), fractions=(0.6, 0.2, 0.2))
-    parse_bigbench(task, data, out)
+    out.kind = "multiple_choice" if task in BIGBENCH_TASKS else bigbench_kind(data)
+    out.keywords = [k for k in data.get("keywords", []) if isinstance(k, str)]
+    if out.kind is None:
+        raise UserError(f"{found.path}: no example with target_scores or a target string (BIG-bench task {task})")
+    (parse_bigbench if out.kind == "multiple_choice" else parse_bigbench_generative)(task, data, out)
     return out
 
 
@@ -379,7 +442,11 @@ def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, log: Callable
     if os.path.isfile(os.path.join(dest, "meta.json")):
         log(f"{name}: cached at {dest}")
         return dest
-    fetched = FETCHERS[task.source](cache_dir, where)
+    fetcher = FETCHERS.get(task.source) or (lambda cache, where, t=task.source.split(":", 1)[1]:
+                                             fetch_bigbench(t, cache, where))  # any other BIG-bench JSON task
+    fetched = fetcher(cache_dir, where)
+    if fetched.kind is not None and task.name not in TASKS:
+        task = bigbench_task(task.name.split(":", 1)[1], fetched.kind, fetched.keywords)
     splits = split_items(fetched)
     for split, items in splits.items():
         for it in items:
@@ -397,6 +464,7 @@ def fetch(name: str, out_dir: str, cache_dir: str = DEFAULT_CACHE, log: Callable
         labels = {s: np.bincount([it["label"] for it in splits[s]]).tolist() if splits[s] and not task.generative
                   else [] for s in SPLITS}
         meta = {"name": name, "source": task.source, "kind": "generative" if task.generative else "multiple_choice",
+                **({"keywords": fetched.keywords} if fetched.keywords else {}),
                 "package": fetched.package, "licence": fetched.licence,
                 "archive_sha256": fetched.archive_sha256, "seed": SEED, "split_fractions": fetched.fractions,
                 "counts": counts, "label_counts": labels,
@@ -486,6 +554,42 @@ def check_file_task(task: Task) -> str:
             + f"; templates {', '.join(task.template_ids())}; cluster {task.cluster}")
 
 
+def survey(where: Locations, cache_dir: str = DEFAULT_CACHE) -> dict:
+    """Every BBH task and every BIG-bench task folder of a local checkout, parsed without writing: per task its kind
+    and item count, or why it cannot be used. {"bbh": {...}, "bigbench": {...}}, each {task: {kind, items, skipped}
+    or {error}}."""
+    out: dict = {"bbh": {}, "bigbench": {}}
+    if where.bbh or where.bbh_url:
+        for t in BBH_TASKS:
+            try:
+                f = fetch_bbh(t, cache_dir, where)
+                out["bbh"][t] = {"kind": "generative" if BBH_TASKS[t] == GENERATIVE else "multiple_choice",
+                                 "items": len(f.items), "skipped": sum(len(v) for v in f.skipped.values())}
+            except UserError as e:
+                out["bbh"][t] = {"error": str(e)}
+    if where.bigbench:
+        root = next((os.path.join(where.bigbench, c) for c in ("bigbench/benchmark_tasks", "benchmark_tasks", "")
+                     if os.path.isdir(os.path.join(where.bigbench, c))), where.bigbench)
+        for t in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                        and not d.startswith((".", "_"))):
+            if not os.path.isfile(os.path.join(root, t, "task.json")):
+                why = "programmatic task (task.py, no task.json)" if os.path.isfile(os.path.join(root, t, "task.py")) \
+                    else "no task.json (subtasks only)" if any(os.path.isfile(os.path.join(root, t, d, "task.json"))
+                                                                 for d in os.listdir(os.path.join(root, t))) \
+                    else "no task.json"
+                out["bigbench"][t] = {"error": why}
+                continue
+            try:
+                f = fetch_bigbench(t, cache_dir, Locations(bigbench=root))
+                out["bigbench"][t] = {"kind": f.kind, "items": len(f.items),
+                                      "skipped": sum(len(v) for v in f.skipped.values()), "keywords": f.keywords}
+                if not f.items:
+                    out["bigbench"][t] = {"error": "no usable example (" + ", ".join(f.skipped) + ")"}
+            except UserError as e:
+                out["bigbench"][t] = {"error": str(e).split(" (")[0] if len(str(e)) > 200 else str(e)}
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_tools.tasks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -502,6 +606,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--split", default="validation", choices=SPLITS)
     s.add_argument("-n", type=int, default=3)
     s.add_argument("--template", default="0", help="template id or index (default: the first)")
+    v = sub.add_parser("survey", help="every BBH task and every BIG-bench task of a local checkout: kind and items, "
+                       "or why it cannot be used")
+    add_location_args(v)
+    v.add_argument("--json", help="also write the survey here")
     c = sub.add_parser("check", help="read a task file and its data: fields, every split, every template")
     c.add_argument("--name", required=True, help="a task file path (or a task name)")
     args = p.parse_args(argv)
@@ -510,6 +618,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             answers = "free text" if t.generative else "/".join(t.answers) if t.answers else "item choices"
             print(f"{t.name:44s} answers: {answers:13s} templates: {len(t.templates)} cluster: {t.cluster:18s} "
                   f"-- {t.description}")
+        return 0
+    if args.cmd == "survey":
+        res = survey(locations_from_args(args))
+        for src, tasks in res.items():
+            if not tasks:
+                print(f"{src}: no source given (--{src} DIR)")
+                continue
+            ok = {t: r for t, r in tasks.items() if "error" not in r}
+            kinds = {k: sum(1 for r in ok.values() if r["kind"] == k) for k in ("multiple_choice", "generative")}
+            print(f"{src}: {len(tasks)} tasks: {kinds['multiple_choice']} multiple choice, {kinds['generative']} "
+                  f"generative ({sum(r['items'] for r in ok.values()):,} items, "
+                  f"{sum(r['skipped'] for r in ok.values())} skipped), {len(tasks) - len(ok)} not usable")
+            for t, r in tasks.items():
+                if "error" in r:
+                    print(f"  {src}:{t}: not usable: {r['error']}")
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(res, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
         return 0
     if args.cmd == "check":
         task = get_task(args.name)

@@ -35,7 +35,7 @@ class Downstream:
         return self
 
     def _setup(self, cfg, tok, tasks, data_dir, split, items, shots, placements):
-        self.tasks = [get_task(t) for t in tasks]  # generative ones by greedy exact match
+        self.tasks = [get_task(t, data_dir=data_dir) for t in tasks]  # generative ones by greedy exact match
         self.shots = [int(k) for k in shots]
         self.placements = list(placements)
         self.items = {t.name: load_split(data_dir, t, split)[:items or None] for t in self.tasks}

@@ -245,7 +245,7 @@ def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequen
     dec_limit, enc_limit = limits(cfg, max_encoder_length)
     records = []
     for name in tasks:
-        base = get_task(name, tasks_dirs=tasks_dirs)
+        base = get_task(name, tasks_dirs=tasks_dirs, data_dir=data_dir)
         items = load_split(data_dir, base, split)[:limit]
         pool = load_split(data_dir, base, base.fewshot_split) if max(shots) > 0 else []
         for tid in template_list(base, templates):

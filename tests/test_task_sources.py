@@ -252,3 +252,54 @@ def test_eval_score_on_bbh(trained, tmp_path):
     r = subprocess.run(base + ["--tasks", "bbh:word_sorting", "--shots", "1", "--placement", "encoder"],
                        capture_output=True, text=True, env=e, cwd=ROOT)
     assert r.returncode == 2 and "zero-shot" in r.stderr and "Traceback" not in r.stderr
+
+
+def write_bigbench_checkout(root: Path) -> Path:
+    """A BIG-bench checkout's layout with the kinds of task folder it has: JSON multiple choice, JSON generative
+    (several references), a programmatic task and one with subtasks only."""
+    bt = root / "bigbench" / "benchmark_tasks"
+    mc = {"keywords": ["logical reasoning", "zero-shot"], "examples": [
+        {"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1)}}
+        for i in range(10)]}
+    gen = {"keywords": ["arithmetic"], "examples": [
+        {"input": f"What is {i} plus {i}?", "target": [str(2 * i), f"{2 * i}."]} for i in range(9)]
+        + [{"input": "broken", "target": []}]}
+    for name, data in (("even_numbers", mc), ("doubling", gen)):
+        (bt / name).mkdir(parents=True)
+        (bt / name / "task.json").write_text(json.dumps(data))
+    (bt / "programmatic_one").mkdir()
+    (bt / "programmatic_one" / "task.py").write_text("# a programmatic task\n")
+    (bt / "with_subtasks" / "part_a").mkdir(parents=True)
+    (bt / "with_subtasks" / "part_a" / "task.json").write_text(json.dumps(mc))
+    return root
+
+
+def test_any_bigbench_json_task_by_name(tmp_path, trained):
+    root = write_bigbench_checkout(tmp_path / "BIG-bench")
+    r = subprocess.run([sys.executable, "-m", "data_tools.tasks", "survey", "--bigbench", str(root), "--json",
+                        str(tmp_path / "survey.json")], capture_output=True, text=True, env=clean_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "bigbench: 4 tasks: 1 multiple choice, 1 generative (19 items, 1 skipped), 2 not usable" in r.stdout
+    sv = json.load(open(tmp_path / "survey.json"))["bigbench"]
+    assert sv["programmatic_one"]["error"].startswith("programmatic task")
+    assert sv["with_subtasks"]["error"].startswith("no task.json (subtasks only)")
+    where = Locations(bigbench=str(root))
+    for out in ("a", "b"):
+        for name in ("bigbench:even_numbers", "bigbench:doubling"):
+            fetch(name, str(tmp_path / out), str(tmp_path / "cache"), log=lambda *a: None, where=where)
+    assert digest(tmp_path / "a" / "bigbench") == digest(tmp_path / "b" / "bigbench")  # same bytes
+    data = str(tmp_path / "a")
+    gen = get_task("bigbench:doubling", data_dir=data)
+    assert gen.generative and gen.metadata["keywords"] == ["arithmetic"] and gen.cluster == "bigbench:arithmetic"
+    items = [it for s in ("train", "validation", "test") for it in load_split(data, gen, s)]
+    assert len(items) == 9 and all(it["targets"][0] == it["target"] for it in items)
+    mc = get_task("bigbench:even_numbers", data_dir=data)
+    assert not mc.generative and mc.cluster == "bigbench:logical reasoning"
+    r = subprocess.run([sys.executable, "-m", "eval.score", "--model", str(trained[1]), "--data", data, "--tasks",
+                        "bigbench:even_numbers,bigbench:doubling", "--max-gen-toks", "4", "--out",
+                        str(tmp_path / "res")], capture_output=True, text=True, env=clean_env(), cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = {r["task"]: r for r in json.load(open(tmp_path / "res" / "metalm.json"))["records"]}
+    assert recs["bigbench:even_numbers"]["output_type"] == "multiple_choice" and "acc" in recs["bigbench:even_numbers"]["metrics"]
+    assert set(recs["bigbench:doubling"]["metrics"]) == {"exact_match", "rougeL", "bleu"}

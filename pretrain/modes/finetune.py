@@ -109,7 +109,7 @@ class FinetuneMode(Mode):
             raise ConfigError("finetune.tasks: finetuning is not available under pipeline parallelism "
                               "(parallel.pp=1)")
         try:
-            tasks = [get_task(t) for t in f.tasks]
+            tasks = [get_task(t, data_dir=f.data_dir) for t in f.tasks]
             resolved(cfg)
             from data_tools.task_rows import check_held_out
 
