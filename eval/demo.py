@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--optional-tasks", default="social_iqa,bbh:sports_understanding,bbh:date_understanding",
                    help="tasks scored where their source is reachable (BIG-bench: --bigbench/METALM_BIGBENCH; "
                         "BIG-Bench Hard: METALM_BBH), else skipped with the reason")
+    p.add_argument("--generative-tasks", default="bbh:object_counting",
+                   help="generative tasks scored zero-shot by greedy generation and exact match, where reachable")
     p.add_argument("--shots", default="0,4")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--items", type=int, default=100, help="test items per task")
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fetch(t, task_dir)
     optional, skipped = fetch_available([t for t in args.optional_tasks.split(",") if t], task_dir)
     tasks += optional
+    generative, gen_skipped = fetch_available([t for t in args.generative_tasks.split(",") if t], task_dir)
+    skipped.update(gen_skipped)
     results = os.path.join(args.work, "results")
     summary = []
     for run in runs:
@@ -80,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"window): {ppl:.1f}")
         records = evaluate(model, cfg, tok, task_dir, tasks, shots, placements, args.seeds, "test", args.items,
                            meta={"model": name, "step": info.get("step"), "encoder": model.encoder is not None})
-        write_report(records, results, name)
+        gen_records = evaluate(model, cfg, tok, task_dir, generative, [0], placements, 1, "test",
+                               min(args.items, 50), meta={"model": name, "step": info.get("step")},
+                               generation={"max_gen_toks": 8}) if generative else []
+        write_report(records + gen_records, results, name)
         g = GenerationConfig(40)
         plain = generate_batch(model, tok, [tok.encode(args.prompt)], g, cfg.model.max_seq_length)[0]
         print(f"generation (KV cache, greedy): {args.prompt!r} -> {plain.text!r}")
@@ -89,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     cfg.model.max_seq_length, passages=[tok.encode(PASSAGE)])[0]
             print(f"generation with a passage through the encoder: [{PASSAGE!r}] 'In short,' -> {docked.text!r}")
         scored = [(r["metrics"][m] - r["majority"], m, r) for r in records for m in r["metrics"]]
-        summary.append((name, info.get("step"), ppl, records, max(scored, key=lambda x: x[0])))
+        summary.append((name, info.get("step"), ppl, records, max(scored, key=lambda x: x[0]), gen_records))
     finetuned = finetuned_runs(args.work, task_dir, args.items)
     vl = vl_runs(args.work, os.path.join(results, "vl"))  # its own folder: the text report reads results/*.json
     rows = report.summarise(report.load_records(sorted(glob.glob(os.path.join(results, "*.json")))))
@@ -101,12 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"- tasks scored: {', '.join(tasks)}")
     for name, why in skipped.items():
         print(f"- optional task {name} skipped: {why}")
-    for name, step, ppl, records, (margin, metric, r) in summary:
+    for name, step, ppl, records, (margin, metric, r), gen_records in summary:
         above = [r for r in records if max(r["metrics"].values()) > r["majority"]]
         print(f"- {name} @ step {step}: held-out perplexity {ppl:.1f}; {len(records)} task settings scored, "
               f"{len(above)} above the majority-class rate in some metric; best: {r['task']} {r['placement']} "
               f"{r['shots']}-shot seed {r['seed']} {metric} {r['metrics'][metric]:.3f} (majority {r['majority']:.3f}, "
               f"chance {r['chance']:.3f}, n={r['n']})")
+        for g in gen_records:
+            print(f"  generative {g['task']} ({g['placement']}, 0-shot, greedy): exact match "
+                  f"{g['metrics']['exact_match']:.3f} (n={g['n']})")
     for name, rec, best in finetuned:
         print(f"- {name} finetuned on {rec['task']} ({best['mode']}, best validation step {best['step']}): test acc "
               f"{rec['metrics']['acc']:.3f} ({rec['placement']} placement; majority {rec['majority']:.3f}, "

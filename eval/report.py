@@ -37,24 +37,27 @@ def load_records(paths: Sequence[str]) -> list[dict]:
     return records
 
 
-METRICS = ("acc", "acc_norm", "acc_mutual_info")
+METRICS = ("acc", "acc_norm", "acc_mutual_info", "exact_match", "squad_em", "f1", "rougeL", "bleu", "chrf")
 
 
 def summarise(records: list[dict], metric: str = "acc") -> list[dict]:
     """One row per (task, model, placement, shots): `mean`/`std` of `metric` (what the plot draws), and
     `all` = {metric: (mean, sd)} for every metric the records carry."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        groups[(r["task"], r.get("model", "?"), r["placement"], int(r["shots"]))].append(r)
+    for r in records:  # one row per template where a task was scored with several (the template in the task name)
+        task = f"{r['task']} [{r['template']}]" if len({x.get('template') for x in records if x['task'] == r['task']}) \
+            > 1 else r["task"]
+        groups[(task, r.get("model", "?"), r["placement"], int(r["shots"]))].append(r)
     rows = []
     for (task, model, placement, shots), rs in sorted(groups.items()):
-        vals = np.array([r["metrics"][metric] for r in rs], dtype=float)
+        m = metric if metric in rs[0]["metrics"] else next(iter(rs[0]["metrics"]))  # generative: its first metric
+        vals = np.array([r["metrics"][m] for r in rs], dtype=float)
         every = {}
         for m in METRICS:
             if all(m in r["metrics"] for r in rs):
                 v = np.array([r["metrics"][m] for r in rs], dtype=float)
                 every[m] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
-        rows.append({"all": every, "task": task, "model": model, "placement": placement, "shots": shots, "metric": metric,
+        rows.append({"all": every, "task": task, "model": model, "placement": placement, "shots": shots, "metric": m,
                      "mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
                      "seeds": len(vals), "n": rs[0]["n"], "majority": rs[0].get("majority", float("nan")),
                      "chance": rs[0].get("chance", float("nan")),
@@ -64,12 +67,13 @@ def summarise(records: list[dict], metric: str = "acc") -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     """Mean ± sd over seeds per metric; `binomial se` = sqrt(p(1-p)/n) of acc, the sampling error of the items."""
-    out = ["| task | model | placement | shots | acc | acc_norm | acc_mutual_info | seeds | n | binomial se | "
-           "majority | truncated |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    shown = [m for m in METRICS if any(m in r["all"] for r in rows)]
+    out = [f"| task | model | placement | shots | {' | '.join(shown)} | seeds | n | binomial se | majority | "
+           "truncated |", "|---" * (len(shown) + 9) + "|"]
     for r in rows:
-        cells = [f"{r['all'][m][0]:.3f} ± {r['all'][m][1]:.3f}" if m in r["all"] else "" for m in METRICS]
-        acc = r["all"].get("acc", (r["mean"], 0))[0]
-        se = (acc * (1 - acc) / max(r["n"], 1)) ** 0.5
+        cells = [f"{r['all'][m][0]:.3f} ± {r['all'][m][1]:.3f}" if m in r["all"] else "" for m in shown]
+        acc = r["all"].get("acc", r["all"].get("exact_match", (r["mean"], 0)))[0]
+        se = (acc * (1 - acc) / max(r["n"], 1)) ** 0.5 if acc <= 1 else float("nan")
         out.append(f"| {r['task']} | {r['model']} | {r['placement']} | {r['shots']} | {' | '.join(cells)} "
                    f"| {r['seeds']} | {r['n']} | {se:.3f} | {r['majority']:.3f} | {r['truncated']} |")
     return "\n".join(out) + "\n"
@@ -93,10 +97,11 @@ def plot(rows: list[dict], path: str) -> None:
             ax.errorbar([r["shots"] for r in rs], [r["mean"] for r in rs], yerr=[r["std"] for r in rs],
                         marker="o", capsize=3, label=f"{model} ({placement})")
         maj = next(r["majority"] for r in rows if r["task"] == task)
-        ax.axhline(maj, ls=":", color="grey", label="majority class")
+        if maj == maj:  # generative tasks have no majority class
+            ax.axhline(maj, ls=":", color="grey", label="majority class")
         ax.set_title(task)
         ax.set_xlabel("shots")
-        ax.set_ylabel(rows[0]["metric"])
+        ax.set_ylabel(next(r["metric"] for r in rows if r["task"] == task))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

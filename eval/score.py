@@ -252,6 +252,10 @@ def evaluate(model, cfg, tok, data_dir: str, tasks: Sequence[str], shots: Sequen
             task = base.using(tid)
             for placement in placements:
                 for k in shots:
+                    if task.generative and placement == "encoder" and k > 0:
+                        log(f"{task.name:22s} [{tid}] encoder  {k}-shot: skipped (generation through the encoder is "
+                            "zero-shot: one passage per row)")
+                        continue
                     for seed in (range(seeds) if k > 0 else [0]):
                         t0 = time.perf_counter()
                         n_seq = len(items) if task.generative else sum(len(task.choices(it)) for it in items)

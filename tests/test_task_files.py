@@ -275,6 +275,10 @@ def test_generative_scoring_cli_and_metrics_are_the_libraries(trained, tmp_path,
         assert rec["metrics"]["rougeL"] == pytest.approx(sum(sc.score(t, p)["rougeL"].fmeasure
                                                              for p, t in zip(preds, refs)) / len(preds))
         assert rec["metrics"]["exact_match"] == pytest.approx(sum(p == t for p, t in zip(preds, refs)) / len(preds))
+    rep = subprocess.run([sys.executable, "-m", "eval.report", str(out / "metalm.json"), "--out",
+                          str(tmp_path / "summary")], capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert rep.returncode == 0, rep.stderr
+    assert "| exact_match |" in rep.stdout and (tmp_path / "summary.png").stat().st_size > 1000
 
 
 def test_squad_normalisation_of_exact_match_and_f1():

@@ -249,9 +249,11 @@ def test_eval_score_on_bbh(trained, tmp_path):
     assert [(r["placement"], r["output_type"]) for r in recs] == [("causal", "generate_until"),
                                                                   ("encoder", "generate_until")]
     assert all(set(r["metrics"]) == {"exact_match"} and r["generation"]["max_gen_toks"] == 6 for r in recs)
-    r = subprocess.run(base + ["--tasks", "bbh:word_sorting", "--shots", "1", "--placement", "encoder"],
+    r = subprocess.run(base + ["--tasks", "bbh:word_sorting", "--shots", "0,1", "--placement", "encoder", "--limit",
+                               "2", "--max-gen-toks", "2", "--out", str(tmp_path / "gen1")],
                        capture_output=True, text=True, env=e, cwd=ROOT)
-    assert r.returncode == 2 and "zero-shot" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 0 and "encoder  1-shot: skipped (generation through the encoder is zero-shot" in r.stdout
+    assert [r["shots"] for r in json.load(open(tmp_path / "gen1" / "metalm.json"))["records"]] == [0]
 
 
 def write_bigbench_checkout(root: Path) -> Path:

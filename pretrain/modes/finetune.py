@@ -102,7 +102,7 @@ class FinetuneMode(Mode):
     def check(self, cfg, pipeline: bool) -> None:
         """Tasks known and fetched, mode and placement fit the model."""
         from data_tools.cli import UserError
-        from data_tools.tasks import get_task, task_available
+        from data_tools.tasks import get_task, task_available, task_dir
 
         f = cfg.finetune
         if pipeline:
@@ -119,7 +119,12 @@ class FinetuneMode(Mode):
         except (UserError, ValueError) as e:
             raise ConfigError(f"finetune: {e}") from None
         for task in tasks:
-            why = task_available(f.data_dir, task)
+            if task.source != "files":  # a built-in task: fetched under finetune.data_dir
+                train = os.path.join(task_dir(f.data_dir, task.name), "train.jsonl")
+                if not os.path.isfile(train):
+                    raise ConfigError(f"finetune.data_dir: {train} not found (run `python -m data_tools.tasks "
+                                      f"fetch --name {task.name} --out {f.data_dir}`)")
+            why = task_available(f.data_dir, task)  # a task file: its own data, read and checked
             if why is not None:
                 raise ConfigError(f"finetune.tasks: {why}")
 
