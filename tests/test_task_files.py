@@ -321,3 +321,21 @@ def test_held_out_cluster_never_reaches_the_tuning_rows(tmp_path, tok):
     for t in held_task.templates:
         assert t.cue not in text  # no held-out template (its cue, its own words)
     assert "Review:" not in text and "The meal was" not in text
+
+
+def test_lm_eval_bridge_exports_our_task_files(loaded, trained, task_dir, tmp_path):
+    """export-task: lm-eval renders our template itself (the same Jinja) over our items; scores equal ours."""
+    pytest.importorskip("lm_eval")
+    from eval.lm_eval_bridge import export_task, run
+    from eval.score import score_items
+
+    model, cfg, tok, _ = loaded
+    names = export_task("polarity", str(task_dir), str(tmp_path / "lm"), ["it_is", "reviewer"])
+    assert names == ["polarity_it_is", "polarity_reviewer"]
+    res = run(str(trained[1]), names, str(tmp_path / "lm"), limit=16)
+    items = load_split(str(task_dir), "polarity", "test")[:16]
+    for name, tid in zip(names, ("it_is", "reviewer")):
+        ours = score_items(model, tok, get_task("polarity").using(tid), items, [], "causal", 0, 0,
+                           cfg.model.max_seq_length, cfg.model.max_seq_length).metrics()
+        for m in ("acc", "acc_norm"):
+            assert res["results"][name][f"{m},none"] == pytest.approx(ours[m], abs=1e-12), (name, m)
