@@ -253,6 +253,7 @@ class BeamResult:
     logprob: float  # its sum of token log-probabilities
     text: str = ""
     stopped_by: str = "length"
+    prompt_truncated: int = 0  # prompt tokens cut from the left (lm-eval's rule, as generate_batch)
 
 
 @torch.no_grad()
@@ -274,10 +275,14 @@ def beam_search(model, tok, prompt: list[int], num_beams: int, max_new_tokens: i
     dev = model_device(model)
     k, passage = num_beams, list(passage)
     stop_ids = set(stop_ids if stop_ids is not None else (tok.ids.eos, tok.ids.eod))
+    if 2 + len(passage) > max_seq_length:
+        raise ValueError(f"the passage alone ({len(passage)} tokens) leaves no room under "
+                         f"max_seq_length={max_seq_length}")
     keep = max_seq_length - max_new_tokens - 1 - len(passage)  # lm-eval's rule, as generate_batch
     if keep < 1:
         keep = max_seq_length - 2 - len(passage)
-    prompt = list(prompt)[-keep:] if len(prompt) > keep else list(prompt)
+    cut = max(0, len(prompt) - keep)
+    prompt = list(prompt)[cut:]
     row = [tok.ids.bos] + passage + prompt
     new = max(0, min(max_new_tokens, max_seq_length - len(row)))
     P = len(row)
@@ -347,12 +352,12 @@ def beam_search(model, tok, prompt: list[int], num_beams: int, max_new_tokens: i
             step = {"tokens": torch.tensor([ids[-1] for ids in beams], device=dev)[:, None], "position_ids": pos}
             logits = decode_step(model, step, step_mask(valid, P + t, 1), cache)[:, -1]
     if not finished:  # no budget at all
-        return BeamResult([], 0.0, 0.0, "", "length")
+        return BeamResult([], 0.0, 0.0, "", "length", cut)
     score, logprob, ids, why = finished[0]
     text = continuation_text(tok, prompt, ids)
     if why == "stop string":
         text = text[:min(text.index(x) for x in stop if x in text)]
-    return BeamResult(ids, score, logprob, text, why)
+    return BeamResult(ids, score, logprob, text, why, cut)
 
 
 def sequence_logprob(model, tok, prompt: list[int], new: list[int], end: bool = False,

@@ -207,8 +207,7 @@ def generate_items(model, tok, task: Task, items: list[dict], pool: list[dict], 
         for j, (passage, prompt) in enumerate(rows):
             r = beam_search(model, tok, prompt, g["num_beams"], g["max_gen_toks"], dec_limit, g["length_penalty"],
                             tuple(g["until"]), passage)
-            keep = dec_limit - g["max_gen_toks"] - 1 - len(passage)
-            raw[j], why[j], cut[j] = r.text, r.stopped_by, max(0, len(prompt) - max(keep, 1))
+            raw[j], why[j], cut[j] = r.text, r.stopped_by, r.prompt_truncated
             if progress is not None:
                 progress.update(1)
     preds = [x.strip() for x in raw]

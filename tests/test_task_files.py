@@ -219,6 +219,7 @@ def test_beam_one_is_greedy_and_beam_scores_are_the_sequences(loaded, moby_jsonl
         assert four.logprob == pytest.approx(sequence_logprob(model, tok, kept, four.ids,
                                                               end=four.stopped_by == "eos"), abs=1e-6)
         assert four.score == pytest.approx(four.logprob / n ** 0.6)
+        assert four.prompt_truncated == one.prompt_truncated == greedy.prompt_truncated == len(p) - len(kept)
 
 
 def test_beam_search_finds_the_best_sequence_where_it_is_exhaustive(loaded, moby_jsonl):

@@ -81,7 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models-from", help="a `make compare` work directory whose models/metalm and models/gpt to use")
     p.add_argument("--steps", type=int, default=0, help="pretraining steps (default: the preset's)")
     p.add_argument("--ft-steps", type=int, default=0, help="tuning steps (default: the preset's)")
+    p.add_argument("--report-only", action="store_true", help="rewrite instruct.md from WORK/results/instruct.json")
     args = p.parse_args(argv)
+    if args.report_only:
+        res = os.path.join(os.path.abspath(args.work), "results")
+        md = markdown(json.load(open(os.path.join(res, "instruct.json"))))
+        with open(os.path.join(res, "instruct.md"), "w") as f:
+            f.write(md)
+        print(md)
+        return 0
     P = dict(PRESETS[args.preset])
     P["pretrain_steps"] = args.steps or P["pretrain_steps"]
     P["ft_steps"] = args.ft_steps or P["ft_steps"]
@@ -192,14 +200,17 @@ def markdown(out: dict) -> str:
     lines = [f"Instruction tuning with held-out clusters, {out['date']} (`{out['command']}`; {out['seeds']} seeds, "
              f"mean ± sd; {out['seconds'] / 60:.0f} min). Zero-shot accuracy on the held-out cluster's tasks "
              "(mean over its tasks) with its own templates: the average over templates and the best template.", "",
-             "| held-out cluster (scored tasks) | model | template average: before → tuned | best template: before "
-             "→ tuned |", "|---|---|---|---|"]
+             "| held-out cluster (scored tasks; majority class) | model | template average: before → tuned | best "
+             "template: before → tuned |", "|---|---|---|---|"]
     for cluster, cell in out["clusters_held_out"].items():
         for arm, r in cell["arms"].items():
             b_avg, b_best = cluster_reading(r["before"])
             avg, best = zip(*[cluster_reading(s["records"]) for s in r["seeds"]])
             what = "encoder + connector, decoder frozen" if ARMS[arm]["mode"] == "encoder" else "all parameters"
-            lines.append(f"| {cluster} ({', '.join(cell['scored'])}) | {ARMS[arm]['label']}, tuned: {what} "
+            maj = {x["task"]: x["majority"] for x in r["before"]}
+            majority = sum(maj.values()) / len(maj)
+            lines.append(f"| {cluster} ({', '.join(cell['scored'])}; {majority:.3f}) | {ARMS[arm]['label']}, tuned: "
+                         f"{what} "
                          f"| {b_avg:.3f} → {fmt(mean_sd(avg))} | {b_best:.3f} → {fmt(mean_sd(best))} |")
     lines += [""] + [f"Tuned on (held out {c}): {', '.join(cell['tuned_on'])}."
                      for c, cell in out["clusters_held_out"].items()]
