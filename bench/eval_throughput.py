@@ -144,8 +144,19 @@ def main(argv=None) -> int:
         t_lm_gen = time.perf_counter() - t0
         g_theirs = [s["filtered_resps"][0] for s in sorted(res["samples"][names[0]], key=lambda s: s["doc_id"])]
         gen_same = g_theirs == g_ours.predictions
+        # lm-eval's model call alone: generate_until() on the same prompts (its batching and stop criteria)
+        from data_tools.task_samples import causal_context as ctx_of
+
+        greqs = [Instance("generate_until", doc={}, idx=0, arguments=(
+            ctx_of(gtask, it, []), {"until": ["\n"], "max_gen_toks": args.gen_toks, "do_sample": False}))
+            for it in gitems]
+        t0 = time.perf_counter()
+        lm.generate_until(greqs)
+        t_lm_core = time.perf_counter() - t0
         rows.append(("generative scoring", f"ours (eval.score generate_until, greedy, batch {args.batch_size})",
                      len(gitems) / t_gen, "items/s"))
+        rows.append(("generative scoring", "lm-evaluation-harness (hf) generate_until() only", len(gitems) / t_lm_core,
+                     "items/s"))
         rows.append(("generative scoring", "lm-evaluation-harness (hf) generate_until, simple_evaluate",
                      len(gitems) / t_lm_gen, "items/s"))
         # ---- generation
@@ -178,7 +189,7 @@ def main(argv=None) -> int:
           f"{args.split}: {len(items)} items / {n_req} requests; generation: batch {args.gen_batch}, "
           f"{args.new_tokens} new tokens; {torch.get_num_threads()} threads\n")
     print(f"| what | row | speed | unit | vs baseline |\n|---|---|---|---|---|")
-    base = {"scoring": rows[2][2], "generative scoring": rows[4][2], "generation": rows[6][2]}
+    base = {"scoring": rows[2][2], "generative scoring": rows[4][2], "generation": rows[7][2]}
     for what, name, speed, unit in rows:
         print(f"| {what} | {name} | {speed:,.1f} | {unit} | {speed / base[what]:.2f}x |")
     print(f"\nmax |ours - lm-eval| per-choice log-likelihood: {diff:.2e}; cached == uncached tokens: {same}; "

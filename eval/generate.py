@@ -200,7 +200,7 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
     done = torch.tensor([n == 0 for n in limits], dtype=torch.bool, device=dev)  # a row with no budget is done
     with inference_mode(model):
         cache = new_cache(model, B, P + new) if g.use_cache else None
-        logits = decode_step(model, batch, step_mask(valid, 0, P), cache)[:, -1]
+        logits = decode_step(model, batch, step_mask(valid, 0, P), cache, last_only=True)[:, -1]
         pos = batch["position_ids"][:, -1:]
         seq = batch["tokens"]
         for t in range(new):
@@ -237,7 +237,7 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
                     T = seq.shape[1]
                     d = batch["dock_dst"]
                     full["dock_dst"] = torch.where(d == B * P, B * T, d // P * T + d % P)
-                logits = decode_step(model, full, step_mask(valid, 0, P + t + 1), None)[:, -1]
+                logits = decode_step(model, full, step_mask(valid, 0, P + t + 1), None, last_only=True)[:, -1]
     for b, o in enumerate(outs):
         o.text = continuation_text(tok, prompt_ids[b], o.ids)
         if g.stop and o.stopped_by == "stop string":
@@ -305,7 +305,7 @@ def beam_search(model, tok, prompt: list[int], num_beams: int, max_new_tokens: i
     scores[0] = 0.0  # the k rows start identical: only one is live, or the first step would pick k copies
     with inference_mode(model):
         cache = new_cache(model, k, P + new)
-        logits = decode_step(model, batch, step_mask(valid_prompt, 0, P), cache)[:, -1]
+        logits = decode_step(model, batch, step_mask(valid_prompt, 0, P), cache, last_only=True)[:, -1]
         pos = batch["position_ids"][:, -1:]
         for t in range(new):
             logits[:, vocab:] = float("-inf")

@@ -112,13 +112,18 @@ def step_mask(key_valid_BS: torch.Tensor, offset: int, n_new: int) -> AttentionM
     return AttentionMask("sdpa", allowed[:, None])
 
 
-def decode_step(model, batch: dict, mask: AttentionMask, cache) -> torch.Tensor:
+def decode_step(model, batch: dict, mask: AttentionMask, cache, last_only: bool = False) -> torch.Tensor:
     """Embed (and dock, when the batch has encoder pieces) the new positions, run the decoder over them with the
-    cache, advance it; full-vocabulary logits [B, n_new, V] in float32."""
+    cache, advance it; full-vocabulary logits [B, n_new, V] in float32. `last_only`: only the last position is
+    projected onto the vocabulary ([B, 1, V]; a prompt's prefill needs no more, as transformers' logits_to_keep=1)."""
     x = model.embed_and_dock(batch)
-    logits = model.decoder(x, batch["position_ids"], mask, cache)
+    B, T = batch["tokens"].shape
+    select = torch.arange(B, device=x.device) * T + (T - 1) if last_only and T > 1 else None
+    logits = model.decoder(x, batch["position_ids"], mask, cache, select_N=select)
+    if select is not None:
+        logits = logits[:, None]
     if cache is not None:
-        cache.advance(batch["tokens"].shape[1])
+        cache.advance(T)
     return gather_vocab(logits).float()
 
 

@@ -96,7 +96,7 @@ def caption_images(vm: VLModel, images: list[bytes], prompt: str, max_new_tokens
         done = torch.zeros(B, dtype=torch.bool)
         with inference_mode(model):
             cache = new_cache(model, B, n + max_new_tokens)
-            logits = decode_step(model, batch, step_mask(valid, 0, n), cache)[:, -1]
+            logits = decode_step(model, batch, step_mask(valid, 0, n), cache, last_only=True)[:, -1]
             pos = batch["position_ids"][:, -1:]
             for t in range(max_new_tokens):
                 logits[:, tok.vocab_size:] = float("-inf")
