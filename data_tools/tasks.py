@@ -101,8 +101,7 @@ TASKS: dict[str, Task] = _builtin()
 # (multiple choice or generative) and keywords come from the task file when it is fetched (meta.json)
 BIGBENCH_MC_TEMPLATES = (Template("qa", "Q: {{text}}", "A:"), Template("answer", "{{text}}", "Answer:"),
                          Template("options", "{{text}} OPTIONS: </s> {{choices | join(' </s> ')}} </s>", "TARGET:"))
-BIGBENCH_GEN_TEMPLATES = (Template("qa", "Q: {{text}}", "A:"), Template("answer", "{{text}}", "Answer:"),
-                          Template("question", "Question: {{text}} </s>", "The answer is"))
+BIGBENCH_GEN_TEMPLATES = BBH_TEMPLATES  # the same three shapes (no options to list)
 
 
 def bigbench_task(name: str, kind: str = "multiple_choice", keywords: Sequence[str] = ()) -> Task:
