@@ -21,7 +21,7 @@ tasks by generating the answer (greedy or beam search) and comparing it with the
   (`max_seq_length`) are truncated from the left; the report counts truncated sequences and tokens. The one
   difference from lm-evaluation-harness: we keep `<s>` and cut the tokens after it (the model always saw `<s>`
   first), lm-eval keeps the last `max_length + 1` tokens, so an over-long input loses one more context token with
-  us and starts without `<s>` with lm-eval (up to ~0.03 nats apart on a long email; tests/test_eval.py checks the
+  us and starts without `<s>` with lm-eval (up to ~0.03 nats apart on a long email; tests/test_tasks.py checks the
   rule; inputs that fit score identically).
 - Tasks: names (`python -m data_tools.tasks list`), task file paths, or NAME.yaml in `--tasks-dir`
   (data_tools/task_files.py). `--templates all` scores every template of a task; the report then gives each
@@ -31,7 +31,8 @@ tasks by generating the answer (greedy or beam search) and comparing it with the
   `max_gen_toks`; greedy decoding is batched with the KV cache, beam search (`--num-beams 4`, length penalty 0.6, as
   the paper) batches an item's beams. The prediction is the continuation with surrounding whitespace removed;
   metrics from their libraries (eval/gen_metrics.py: exact_match, squad_em, f1, rougeL, bleu, chrf). The encoder
-  placement generates zero-shot (the input as the encoder's passage, the cue as the prompt).
+  placement generates zero-shot (the input as the encoder's passage, the cue as the prompt; its few-shot settings
+  are skipped with a line).
 - `--model` is a consolidated directory or a run / checkpoint directory of pretrain.train.
 Writes OUT/NAME.json (one record per task x template x placement x shots x seed: model, step, n, metrics,
 truncations, chance and majority-class rates; `templates`: the average and best over templates) and OUT/NAME.md;
