@@ -229,9 +229,9 @@ def _templates(spec: dict, path: str) -> tuple[Template, ...]:
             unknown = set(t) - {"id", "doc_to_text", "cue", "doc_to_choice"}
             if unknown:
                 raise _bad(path, f"{key}.{sorted(unknown)[0]}", "one of id, doc_to_text, cue, doc_to_choice")
-            text = _str(t, "doc_to_text", path, required=True) if "doc_to_text" in t else None
-            if text is None:
-                raise _bad(path, f"{key}.doc_to_text", "a string (required)")
+            text = t.get("doc_to_text")
+            if not isinstance(text, str):
+                raise _bad(path, f"{key}.doc_to_text", "a string (required)", text)
             if not isinstance(t.get("cue", ""), str):
                 raise _bad(path, f"{key}.cue", "a string", t["cue"])
             tid = str(t.get("id", i))
