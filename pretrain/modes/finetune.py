@@ -124,8 +124,7 @@ class FinetuneMode(Mode):
                 if not os.path.isfile(train):
                     raise ConfigError(f"finetune.data_dir: {train} not found (run `python -m data_tools.tasks "
                                       f"fetch --name {task.name} --out {f.data_dir}`)")
-            why = task_available(f.data_dir, task)  # a task file: its own data, read and checked
-            if why is not None:
+            elif (why := task_available(f.data_dir, task)) is not None:  # a task file: its own data, read, checked
                 raise ConfigError(f"finetune.tasks: {why}")
 
     def absolute_paths(self, cfg) -> None:
