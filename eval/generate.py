@@ -154,6 +154,22 @@ def _prefill_retokenized(rows, P: int, pad: int, dev, aligner) -> tuple[dict, to
     return {k: v.to(dev) for k, v in batch.items()}, valid.to(dev)
 
 
+def fit_prompt(prompt: Sequence[int], n_passage: int, max_new_tokens: int, max_seq_length: int, where: str = ""
+               ) -> tuple[list[int], int]:
+    """(the prompt as generation sees it, tokens cut from its left). lm-evaluation-harness' rule: the context keeps
+    its last max_seq_length - max_new_tokens tokens, so the continuation has its full budget; only where that leaves
+    no prompt token at all, room for one new token. `<s>` and the passage's slots come before the prompt."""
+    head = 1 + n_passage
+    if head + 1 > max_seq_length:
+        raise ValueError(f"{where}the passage alone ({n_passage} tokens) leaves no room under "
+                         f"max_seq_length={max_seq_length}")
+    keep = max_seq_length - max_new_tokens - head
+    if keep < 1:
+        keep = max_seq_length - 1 - head
+    over = max(0, len(prompt) - keep)
+    return list(prompt)[over:], over
+
+
 @torch.no_grad()
 def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig, max_seq_length: int,
                    passages: Sequence[list[int]] | None = None, stop_ids: Sequence[int] | None = None
@@ -168,18 +184,8 @@ def generate_batch(model, tok, prompts: Sequence[list[int]], g: GenerationConfig
     outs = [Generation([]) for _ in range(B)]
     rows, limits, prompt_ids = [], [], []
     for b, (passage, prompt) in enumerate(zip(passages, prompts)):
-        # lm-evaluation-harness' rule: the context keeps its last max_seq_length - max_new_tokens tokens, so the
-        # continuation has its full budget; only where that leaves no prompt token at all, room for one new token
-        head = 1 + len(passage)  # <s> and the passage's slots
-        if head + 1 > max_seq_length:
-            raise ValueError(f"row {b}: the passage alone ({len(passage)} tokens) leaves no room under "
-                             f"max_seq_length={max_seq_length}")
-        keep = max_seq_length - g.max_new_tokens - head
-        if keep < 1:
-            keep = max_seq_length - 1 - head
-        if len(prompt) > keep:
-            over = len(prompt) - keep
-            prompt = prompt[over:]
+        prompt, over = fit_prompt(prompt, len(passage), g.max_new_tokens, max_seq_length, f"row {b}: ")
+        if over:
             outs[b].prompt_truncated = over
             outs[b].notes.append(f"prompt cut by {over} tokens from the left (max_seq_length {max_seq_length})")
         prompt_ids.append(list(prompt))
@@ -275,14 +281,7 @@ def beam_search(model, tok, prompt: list[int], num_beams: int, max_new_tokens: i
     dev = model_device(model)
     k, passage = num_beams, list(passage)
     stop_ids = set(stop_ids if stop_ids is not None else (tok.ids.eos, tok.ids.eod))
-    if 2 + len(passage) > max_seq_length:
-        raise ValueError(f"the passage alone ({len(passage)} tokens) leaves no room under "
-                         f"max_seq_length={max_seq_length}")
-    keep = max_seq_length - max_new_tokens - 1 - len(passage)  # lm-eval's rule, as generate_batch
-    if keep < 1:
-        keep = max_seq_length - 2 - len(passage)
-    cut = max(0, len(prompt) - keep)
-    prompt = list(prompt)[cut:]
+    prompt, cut = fit_prompt(prompt, len(passage), max_new_tokens, max_seq_length)
     row = [tok.ids.bos] + passage + prompt
     new = max(0, min(max_new_tokens, max_seq_length - len(row)))
     P = len(row)

@@ -58,6 +58,12 @@ from data_tools.task_samples import Sequence as TaskSequence  # (typing's Sequen
 from data_tools.tasks import Task, get_task, load_split
 
 
+def check_placement(model, placement: str) -> None:
+    if placement == "encoder" and getattr(model, "encoder", None) is None:
+        raise ValueError("placement 'encoder' needs a model with a text encoder (this one is a GPT baseline: use "
+                         "--placement causal)")
+
+
 @dataclass
 class TaskScores:
     lls: list[list[float]]  # per item, per choice
@@ -92,9 +98,7 @@ def score_items(model, tok, task: Task, items: list[dict], pool: list[dict], pla
     """Log-likelihood of every choice of every item. Collective under TP (every rank passes the same items)."""
     from eval.inference import pair_logprobs
 
-    if placement == "encoder" and getattr(model, "encoder", None) is None:
-        raise ValueError("placement 'encoder' needs a model with a text encoder (this one is a GPT baseline: use "
-                         "--placement causal)")
+    check_placement(model, placement)
     from eval.inference import model_aligner
 
     aligner = model_aligner(model, tok) if placement == "encoder" else None
@@ -182,9 +186,7 @@ def generate_items(model, tok, task: Task, items: list[dict], pool: list[dict], 
     from eval import gen_metrics
     from eval.generate import GenerationConfig, beam_search, generate_batch
 
-    if placement == "encoder" and getattr(model, "encoder", None) is None:
-        raise ValueError("placement 'encoder' needs a model with a text encoder (this one is a GPT baseline: use "
-                         "--placement causal)")
+    check_placement(model, placement)
     g = generation_settings(task, generation)
     if not items:
         return GenScores([], [], [], {m: float("nan") for m in task.metrics}, {}, 0, 0, [])
@@ -354,12 +356,10 @@ def markdown(records: list[dict]) -> str:
     lines = ["| model | step | task | template | placement | shots | seed | n | metrics | majority | truncated |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        majority = f"{r['majority']:.3f}" if "majority" in r else ""  # generative tasks have none
         lines.append(f"| {r.get('model', '')} | {r.get('step', '')} | {r['task']} | {r.get('template', '')} "
                      f"| {r['placement']} | {r['shots']} | {r['seed']} | {r['n']} | {_metric_cells(r['metrics'])} "
-                     f"| {r['majority']:.3f} | {r['truncated_sequences']} |" if "majority" in r else
-                     f"| {r.get('model', '')} | {r.get('step', '')} | {r['task']} | {r.get('template', '')} "
-                     f"| {r['placement']} | {r['shots']} | {r['seed']} | {r['n']} | {_metric_cells(r['metrics'])} "
-                     f"| | {r['truncated_sequences']} |")
+                     f"| {majority} | {r['truncated_sequences']} |")
     summary = [row for row in template_summary(records) if row["templates"] > 1]
     if summary:
         lines += ["", "Over templates (each template's mean over seeds): their average, and the best template",
