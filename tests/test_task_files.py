@@ -340,3 +340,23 @@ def test_lm_eval_bridge_exports_our_task_files(loaded, trained, task_dir, tmp_pa
                            cfg.model.max_seq_length, cfg.model.max_seq_length).metrics()
         for m in ("acc", "acc_norm"):
             assert res["results"][name][f"{m},none"] == pytest.approx(ours[m], abs=1e-12), (name, m)
+
+
+def test_task_file_reads_parquet_and_json_data(tmp_path):
+    """The data a user brings: a parquet file (pyarrow) and a JSON list, as well as jsonl."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "t"
+    write_mc_task(str(d))
+    pq.write_table(pa.Table.from_pylist([{"review": t, "sentiment": s} for t, s in REVIEWS]), d / "test.parquet")
+    (d / "validation.json").write_text(json.dumps([{"review": t, "sentiment": s} for t, s in REVIEWS[:3]]))
+    import yaml
+
+    spec = yaml.safe_load(open(d / "user_reviews.yaml"))
+    spec["dataset"] = {"data_files": {"train": "train.jsonl", "validation": "validation.json", "test": "test.parquet"}}
+    (d / "user_reviews.yaml").write_text(yaml.safe_dump(spec))
+    task = get_task(str(d / "user_reviews.yaml"))
+    test = load_split("", task, "test")
+    assert [it["label"] for it in test] == [1, 0, 1, 0, 1, 0, 1, 0] and test[2]["id"] == "test/3"
+    assert [it["review"] for it in load_split("", task, "validation")] == [t for t, _ in REVIEWS[:3]]
